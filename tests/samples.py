@@ -1,0 +1,96 @@
+"""What a registry record is made of: samples (one call's arguments), error samples, the record.
+
+A ``Sample`` names every argument, so the same sample calls ``refimpl.f(**args)`` and
+``torch_port.functional.f(**args)``: the two packages share argument names by contract.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from hypothesis import strategies as st
+
+TORCH_DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One call: float arrays (the differentiable inputs), integer arrays, scalar hyperparameters."""
+
+    tensors: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray] = field(default_factory=dict)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+    def numpy_args(self, **extra) -> dict[str, Any]:
+        return {**{k: np.array(v) for k, v in self.tensors.items()}, **self.labels, **self.kwargs, **extra}
+
+    def torch_tensors(self, dtype: str = "float64", requires_grad: bool = False) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, value in self.tensors.items():
+            t = torch.tensor(value, dtype=TORCH_DTYPES[dtype])
+            out[name] = t.requires_grad_(requires_grad)
+        return out
+
+    def torch_args(self, tensors: dict[str, torch.Tensor], **extra) -> dict[str, Any]:
+        labels = {k: torch.as_tensor(v) for k, v in self.labels.items()}
+        return {**tensors, **labels, **self.kwargs, **extra}
+
+    def rounded_to(self, dtype: str) -> Sample:
+        """The same sample with float inputs rounded to ``dtype`` (and back to float64)."""
+        rounded = {k: torch.tensor(v, dtype=TORCH_DTYPES[dtype]).double().numpy() for k, v in self.tensors.items()}
+        return Sample(rounded, self.labels, self.kwargs, self.note)
+
+    def __repr__(self) -> str:  # a failure prints a snippet that rebuilds the sample
+        def arr(a):
+            return f"np.array({np.asarray(a).tolist()!r})"
+
+        parts = [f"{k}={arr(v)}" for k, v in {**self.tensors, **self.labels}.items()]
+        parts += [f"{k}={v!r}" for k, v in self.kwargs.items()]
+        return f"Sample({', '.join(parts)})" + (f"  # {self.note}" if self.note else "")
+
+
+@dataclass(frozen=True)
+class ErrorSample:
+    """A bad call: the exception type and a regex its message must match (the argument's name)."""
+
+    sample: Sample
+    error: type[Exception]
+    match: str
+
+
+@dataclass(frozen=True)
+class LossRecord:
+    """Everything the shared suites need to know about one function.
+
+    name: the function's name in both ``refimpl`` and ``torch_port.functional``.
+    reference, port: the two implementations.
+    samples: a Hypothesis strategy of valid ``Sample``s (inputs and hyperparameters drawn together).
+    edge_cases: extreme and degenerate samples on which values and gradients must stay finite.
+    error_inputs: bad calls, each with the error expected.
+    reductions: the reductions the function takes; () for functions without ``reduction``.
+    tolerances: overrides of tests/tolerances.py, keyed by (kind, dtype).
+    skips: suite name -> the reason that suite does not apply.
+    """
+
+    name: str
+    reference: Callable[..., Any]
+    port: Callable[..., Any]
+    samples: st.SearchStrategy[Sample]
+    edge_cases: Callable[[], list[Sample]]
+    error_inputs: Callable[[], list[ErrorSample]]
+    reductions: tuple[str, ...] = ("mean", "sum", "none")
+    tolerances: dict[tuple[str, str], Any] = field(default_factory=dict)
+    skips: dict[str, str] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return self.name

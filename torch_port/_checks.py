@@ -1,0 +1,85 @@
+"""Tensor checks, the compute dtype rule and the one reduction helper of the port.
+
+Compute dtype: float64 inputs compute in float64; float32, float16 and bfloat16 compute in float32
+(half inputs are upcast, and the loss comes back in float32). Mixing float64 with a lower precision
+is refused rather than silently resolved, because it almost always means a model and its head were
+put on different precisions by mistake. All checks run before any computation or state change.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from refimpl._validate import check_reduction
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def check_float_tensor(t, name: str, ndim: int | None = None, min_ndim: int = 0) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if t.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
+    return t
+
+
+def compute_dtype(*named: tuple[str, torch.Tensor]) -> torch.dtype:
+    """float64 if all float inputs are float64, float32 if none is; a mix is a TypeError."""
+    is64 = [t.dtype == torch.float64 for _, t in named]
+    if all(is64):
+        return torch.float64
+    if any(is64):
+        names = ", ".join(f"{n}: {t.dtype}" for n, t in named)
+        raise TypeError(f"inputs mix float64 with a lower precision ({names}); cast them to one dtype")
+    return torch.float32
+
+
+def check_same_device(*named: tuple[str, torch.Tensor]) -> None:
+    devices = {t.device for _, t in named}
+    if len(devices) > 1:
+        names = ", ".join(f"{n}: {t.device}" for n, t in named)
+        raise ValueError(f"inputs are on different devices ({names})")
+
+
+def check_labels(y, batch: int, num_classes: int, name: str = "y") -> torch.Tensor:
+    """Integer labels of shape (batch,) with values in [0, num_classes).
+
+    The range check reads two numbers back from the device (a synchronisation on GPU); it is the
+    price of a clear error instead of a device-side assert or a silently wrong gather.
+    """
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of class indices, got {type(y).__name__}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor of class indices, got dtype {y.dtype}")
+    if tuple(y.shape) != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},) to match the batch, got {tuple(y.shape)}")
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"{name} must lie in [0, {num_classes}), got values in [{low}, {high}]")
+    return y.long()
+
+
+def reduce_loss(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The one reduction every loss ends with: mean over the batch, sum, or none."""
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "sum":
+        return per_sample.sum()
+    return per_sample
+
+
+__all__ = [
+    "HALF_DTYPES",
+    "check_float_tensor",
+    "check_labels",
+    "check_reduction",
+    "check_same_device",
+    "compute_dtype",
+    "reduce_loss",
+]
