@@ -1,0 +1,1 @@
+"""One module of registry records per loss family; tests/registry.py lists them all."""
