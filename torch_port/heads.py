@@ -1,0 +1,78 @@
+"""The base of every margin head: an nn.Module that owns the class weights and asks the engine.
+
+A head is a configuration of torch_port/engine.py plus parameters and state. Subclasses implement
+:meth:`MarginHead.margin_config` (the configuration used for training); the margin-free
+configuration used by :meth:`MarginHead.logits` is the same with the target transform removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from refimpl._validate import check_positive_int, check_reduction
+from torch_port.engine import MarginConfig, margin_cross_entropy, plain_logits
+
+
+def check_chunk_size(chunk_size) -> int | None:
+    return None if chunk_size is None else check_positive_int(chunk_size, "chunk_size")
+
+
+class MarginHead(nn.Module):
+    """Owns ``weight`` of shape (num_classes, dim), one row per class like ``nn.Linear.weight``.
+
+    ``forward(x, y)`` returns the loss (with the margin); ``logits(x)`` returns margin-free logits
+    for inference. Arguments are checked before anything is computed, so a failed call changes no
+    parameter or buffer.
+
+    Initialisation: ``weight`` ~ N(0, 0.01^2) elementwise. For heads that normalise W only the
+    directions matter, and an isotropic Gaussian gives directions uniform on the sphere; heads
+    whose logits use |W_j| override :meth:`reset_parameters`.
+
+    Args:
+        num_classes: C >= 1. dim: feature dimension D >= 1.
+        reduction: "mean" (over the batch), "sum" or "none".
+        chunk_size: None for the plain path; an int for the memory-efficient path over class chunks.
+        device, dtype: where and in which dtype to create ``weight``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        *,
+        reduction: str = "mean",
+        chunk_size: int | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.num_classes = check_positive_int(num_classes, "num_classes")
+        self.dim = check_positive_int(dim, "dim")
+        self.reduction = check_reduction(reduction)
+        self.chunk_size = check_chunk_size(chunk_size)
+        self.weight = nn.Parameter(torch.empty(self.num_classes, self.dim, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=0.01)
+
+    def margin_config(self) -> MarginConfig:
+        raise NotImplementedError
+
+    def inference_config(self) -> MarginConfig:
+        return dataclasses.replace(self.margin_config(), target=None)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return margin_cross_entropy(
+            x, self.weight, y, self.margin_config(), self.reduction, chunk_size=self.chunk_size
+        )
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Margin-free logits (B, C) for inference: what the argmax and the softmax are taken of."""
+        return plain_logits(x, self.weight, self.inference_config())
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, dim={self.dim}, reduction={self.reduction!r}"
