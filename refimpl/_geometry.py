@@ -57,4 +57,6 @@ def target_angles(x, W, y):
 def replace_target(matrix, y, values):
     """The (B, C) matrix with entry (i, y_i) replaced by values[i] (autograd-friendly: no assignment)."""
     onehot = anp.arange(matrix.shape[1])[None, :] == anp.asarray(y)[:, None]
-    return anp.where(onehot, values[:, None], matrix)
+    # broadcast_to first: autograd's vjp of where does not un-broadcast, so a (B, 1) operand would
+    # receive a (B, C) gradient and fail in the backward pass.
+    return anp.where(onehot, anp.broadcast_to(values[:, None], anp.shape(matrix)), matrix)

@@ -30,6 +30,9 @@ class Sample:
     labels: dict[str, np.ndarray] = field(default_factory=dict)
     kwargs: dict[str, Any] = field(default_factory=dict)
     note: str = ""
+    # Input dtypes the stability suite does not run this sample in, each with the reason (e.g. a
+    # gradient that exceeds the dtype's range by the mathematics of the loss, not by a bug).
+    skip_dtypes: dict[str, str] = field(default_factory=dict)
 
     def numpy_args(self, **extra) -> dict[str, Any]:
         return {**{k: np.array(v) for k, v in self.tensors.items()}, **self.labels, **self.kwargs, **extra}
@@ -48,7 +51,7 @@ class Sample:
     def rounded_to(self, dtype: str) -> Sample:
         """The same sample with float inputs rounded to ``dtype`` (and back to float64)."""
         rounded = {k: torch.tensor(v, dtype=TORCH_DTYPES[dtype]).double().numpy() for k, v in self.tensors.items()}
-        return Sample(rounded, self.labels, self.kwargs, self.note)
+        return Sample(rounded, self.labels, self.kwargs, self.note, skip_dtypes=self.skip_dtypes)
 
     def __repr__(self) -> str:  # a failure prints a snippet that rebuilds the sample
         def arr(a):
