@@ -10,11 +10,14 @@ and degenerate inputs, half precision, autocast) and error inputs.
 
 from __future__ import annotations
 
-from tests.records import softmax
+from tests.records import angular, center, normalized, softmax
 from tests.samples import LossRecord
 
 RECORDS: list[LossRecord] = [
     *softmax.RECORDS,  # softmax, log_softmax, naive_softmax, cross_entropy, distillation_loss
+    *angular.RECORDS,  # cos_m_theta, lsoftmax_psi, lsoftmax_loss/_logits, sphereface_loss/_logits
+    *center.RECORDS,  # center_loss, center_update
+    *normalized.RECORDS,  # normface, cosface, am_softmax, arcface, combined_margin: each _loss and _logits
 ]
 
 BY_NAME = {record.name: record for record in RECORDS}

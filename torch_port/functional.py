@@ -4,6 +4,29 @@ Every function takes tensors, checks its arguments before computing anything, an
 least float32 (float16/bfloat16 inputs are upcast; the loss comes back in float32).
 """
 
+from torch_port.angular import (
+    cos_m_theta,
+    lsoftmax_logits,
+    lsoftmax_loss,
+    lsoftmax_psi,
+    sphereface_logits,
+    sphereface_loss,
+)
+from torch_port.center import center_loss, center_update
+from torch_port.normalized import (
+    am_softmax_logits,
+    am_softmax_loss,
+    arcface_logits,
+    arcface_loss,
+    combined_margin_logits,
+    combined_margin_loss,
+    cosface_logits,
+    cosface_loss,
+    cosface_min_scale,
+    normface_logits,
+    normface_loss,
+    normface_lower_bound,
+)
 from torch_port.softmax import cross_entropy, distillation_loss, log_softmax, naive_softmax, softmax
 
 __all__ = [
@@ -13,3 +36,8 @@ __all__ = [
     "naive_softmax",
     "softmax",
 ]
+__all__ += ["cos_m_theta", "lsoftmax_logits", "lsoftmax_loss", "lsoftmax_psi", "sphereface_logits", "sphereface_loss"]
+__all__ += ["center_loss", "center_update"]
+__all__ += ["am_softmax_logits", "am_softmax_loss", "arcface_logits", "arcface_loss", "combined_margin_logits"]
+__all__ += ["combined_margin_loss", "cosface_logits", "cosface_loss", "cosface_min_scale", "normface_logits"]
+__all__ += ["normface_loss", "normface_lower_bound"]

@@ -1,0 +1,232 @@
+"""L-Softmax and A-Softmax (SphereFace) in PyTorch: configurations of the margin engine.
+
+Same names, arguments and defaults as ``refimpl.angular``. Each loss is a
+:class:`torch_port.engine.MarginConfig`: L-Softmax keeps |x| and |W_j| (logits are W_j . x), A-Softmax
+keeps |x| only (W normalised); both replace the target's cosine by
+
+    (w * cos theta_y + psi(theta_y)) / (1 + w),   psi = (-1)^k T_m(cos theta_y) - 2k,
+
+with w the annealing weight (beta for L-Softmax, lambda for SphereFace). T_m, the Chebyshev
+polynomial, is cos(m theta) written in the cosine: a polynomial is exact and smooth at cos = +-1,
+where cos(m * theta(x)) would inherit the angle's cone point. The integer k comes from the engine's
+half-angle theta (accurate at the poles) and carries no gradient; psi is C^1 across its jumps.
+Derivations: ``derivations/06-lsoftmax.md``, ``derivations/07-sphereface.md``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from refimpl._validate import check_nonnegative, check_positive_int
+from torch_port._checks import check_float_tensor, compute_dtype
+from torch_port.engine import MarginConfig, margin_cross_entropy, margin_logits
+
+
+def _chebyshev(c: torch.Tensor, m: int) -> torch.Tensor:
+    """T_m(c) by the three-term recurrence T_{n+1} = 2c T_n - T_{n-1}: stable on [-1, 1] (error ~ m^2 eps)."""
+    previous, current = torch.ones_like(c), c
+    for _ in range(m - 1):
+        previous, current = current, 2.0 * c * current - previous
+    return current
+
+
+def _clip_unit(c: torch.Tensor) -> torch.Tensor:
+    # torch.where, not clamp: the gradient passes at c = +-1 exactly and is 0 only beyond, the same
+    # convention as the reference (autograd's clip would zero it at the bounds themselves).
+    return torch.where(c > 1.0, torch.ones_like(c), torch.where(c < -1.0, -torch.ones_like(c), c))
+
+
+def _margin_index(theta: torch.Tensor, m: int) -> torch.Tensor:
+    """k = floor(m theta / pi) clamped to [0, m - 1], as a float tensor without gradient."""
+    return torch.floor(m * theta.detach() / math.pi).clamp_(0, m - 1)
+
+
+def _psi_from_cosine(c: torch.Tensor, theta: torch.Tensor, m: int) -> torch.Tensor:
+    k = _margin_index(theta, m)
+    return (1.0 - 2.0 * torch.remainder(k, 2)) * _chebyshev(_clip_unit(c), m) - 2.0 * k
+
+
+def _elementwise_input(t, name: str) -> torch.Tensor:
+    """A floating tensor in the compute dtype (half upcast to float32, float64 kept)."""
+    check_float_tensor(t, name)
+    return t.to(compute_dtype((name, t)))
+
+
+def cos_m_theta(c: torch.Tensor, m: int) -> torch.Tensor:
+    r"""cos(m * arccos(c)): the Chebyshev polynomial T_m(c), by the three-term recurrence.
+
+    .. math:: T_0 = 1,\quad T_1 = c,\quad T_{n+1}(c) = 2c\,T_n(c) - T_{n-1}(c)
+
+    The same values as the multiple-angle expansion (``refimpl.cos_m_theta``); the recurrence is
+    the numerically stable way to evaluate it on [-1, 1]. c is clipped to [-1, 1] first (a computed
+    cosine can exceed 1 by a rounding error); the gradient is the polynomial's, finite everywhere.
+
+    Args:
+        c: cosines, any shape and floating dtype (computed in at least float32).
+        m: the multiplier, an integer >= 1.
+
+    Returns:
+        A tensor of the shape of ``c``.
+
+    References:
+        Liu et al., "Large-Margin Softmax Loss for Convolutional Neural Networks", ICML 2016, eq. (7).
+    """
+    m = check_positive_int(m, "m")
+    c = _elementwise_input(c, "c")
+    with torch.autocast(device_type=c.device.type, enabled=False):
+        return _chebyshev(_clip_unit(c), m)
+
+
+def lsoftmax_psi(theta: torch.Tensor, m: int) -> torch.Tensor:
+    r"""The L-Softmax / A-Softmax margin function on angles theta in [0, pi].
+
+    .. math::
+
+        \psi(\theta) = (-1)^k \cos(m\theta) - 2k, \qquad k = \min(\lfloor m\theta/\pi \rfloor, m - 1)
+
+    Continuous, non-increasing, C^1, psi(0) = 1, psi(pi) = 1 - 2m, psi <= cos. The range of theta is
+    not checked (that would need a device synchronisation, and a float32 pi already exceeds the true
+    pi); k is clamped to [0, m - 1], so values a rounding error outside [0, pi] stay on the end branches.
+
+    Args:
+        theta: angles, any shape and floating dtype (computed in at least float32).
+        m: the angular multiplier, an integer >= 1.
+
+    Returns:
+        psi(theta), a tensor of the shape of ``theta``.
+
+    References:
+        Liu et al., ICML 2016, eq. (6); Liu et al., "SphereFace", CVPR 2017, eq. (7).
+    """
+    m = check_positive_int(m, "m")
+    theta = _elementwise_input(theta, "theta")
+    with torch.autocast(device_type=theta.device.type, enabled=False):
+        k = _margin_index(theta, m)
+        return (1.0 - 2.0 * torch.remainder(k, 2)) * torch.cos(m * theta) - 2.0 * k
+
+
+def annealed_margin_target(m: int, weight: float):
+    """The engine's target transform psi_w(cos, theta) = (w cos + psi(theta)) / (1 + w)."""
+
+    def target(cos_y: torch.Tensor, theta_y: torch.Tensor) -> torch.Tensor:
+        return (weight * cos_y + _psi_from_cosine(cos_y, theta_y, m)) / (1.0 + weight)
+
+    return target
+
+
+def lsoftmax_config(m: int, beta: float) -> MarginConfig:
+    """L-Softmax as an engine configuration: logits |W_j||x| cos, target |W_y||x| psi_beta."""
+    m = check_positive_int(m, "m")
+    beta = check_nonnegative(beta, "beta")
+    return MarginConfig(target=annealed_margin_target(m, beta), feature_norm=True, weight_norm=True)
+
+
+def sphereface_config(m: int, lamb: float) -> MarginConfig:
+    """A-Softmax as an engine configuration: logits |x| cos (W normalised), target |x| psi_lambda."""
+    m = check_positive_int(m, "m")
+    lamb = check_nonnegative(lamb, "lamb")
+    return MarginConfig(target=annealed_margin_target(m, lamb), feature_norm=True)
+
+
+def lsoftmax_logits(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, m: int = 4, beta: float = 0.0) -> torch.Tensor:
+    r"""The (B, C) L-Softmax logits :math:`\|W_j\|\|x\|\cos\theta_j`, the target's with the margin.
+
+    .. math:: f_y = \|W_y\|\|x\| \frac{\beta\cos\theta_y + \psi(\theta_y)}{1 + \beta}
+
+    Args:
+        x: (B, D) features. W: (C, D) class weights (no bias). y: (B,) labels in [0, C).
+        m: integer >= 1 (m = 1: the plain logits W x). beta: annealing weight >= 0 (0: full margin).
+
+    References:
+        Liu et al., "Large-Margin Softmax Loss for Convolutional Neural Networks", ICML 2016.
+    """
+    return margin_logits(x, W, y, lsoftmax_config(m, beta))
+
+
+def lsoftmax_loss(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    y: torch.Tensor,
+    m: int = 4,
+    beta: float = 0.0,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    r"""L-Softmax: cross-entropy of :func:`lsoftmax_logits` (the shared margin engine, no new CE code).
+
+    .. math::
+
+        \ell_i = -\log \frac{e^{f_{y_i}}}{e^{f_{y_i}} + \sum_{j \ne y_i} e^{\|W_j\|\|x_i\|\cos\theta_j}},
+        \qquad f_{y} = \|W_y\|\|x\| \frac{\beta\cos\theta_y + \psi(\theta_y)}{1 + \beta}
+
+    Args:
+        x: (B, D) features. W: (C, D) class weights. y: (B,) integer labels in [0, C).
+        m: the angular multiplier, an integer >= 1 (default 4).
+        beta: annealing weight >= 0 (default 0.0, the full margin); see ``torch_port.MarginSchedule``.
+        reduction: "mean" (over the batch), "sum" or "none".
+        chunk_size: None for the plain path; an int for the engine's memory-efficient path.
+
+    Returns:
+        The loss in float32 (float64 for float64 inputs).
+
+    Example:
+        >>> loss = lsoftmax_loss(features, head_weight, labels, m=4, beta=schedule.value())
+
+    References:
+        Liu, Wen, Yu, Yang, "Large-Margin Softmax Loss for Convolutional Neural Networks", ICML 2016.
+    """
+    return margin_cross_entropy(x, W, y, lsoftmax_config(m, beta), reduction, chunk_size=chunk_size)
+
+
+def sphereface_logits(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, m: int = 4, lamb: float = 0.0) -> torch.Tensor:
+    r"""The (B, C) A-Softmax logits :math:`\|x\|\cos\theta_j` (W normalised), the target's with the margin.
+
+    .. math:: f_y = \|x\| \frac{\lambda\cos\theta_y + \psi(\theta_y)}{1 + \lambda}
+
+    References:
+        Liu et al., "SphereFace: Deep Hypersphere Embedding for Face Recognition", CVPR 2017.
+    """
+    return margin_logits(x, W, y, sphereface_config(m, lamb))
+
+
+def sphereface_loss(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    y: torch.Tensor,
+    m: int = 4,
+    lamb: float = 0.0,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    r"""A-Softmax (SphereFace): cross-entropy of :func:`sphereface_logits`.
+
+    .. math::
+
+        \ell_i = -\log \frac{e^{f_{y_i}}}{e^{f_{y_i}} + \sum_{j \ne y_i} e^{\|x_i\|\cos\theta_j}},
+        \qquad f_y = \|x\| \frac{\lambda\cos\theta_y + \psi(\theta_y)}{1 + \lambda}
+
+    Args:
+        x: (B, D) features. W: (C, D) class weights (only directions matter). y: (B,) labels in [0, C).
+        m: integer >= 1 (default 4). lamb: annealing weight lambda >= 0 (default 0.0, the full margin).
+        reduction: "mean" (over the batch), "sum" or "none".
+        chunk_size: None for the plain path; an int for the engine's memory-efficient path.
+
+    Returns:
+        The loss in float32 (float64 for float64 inputs).
+
+    References:
+        Liu, Wen, Yu, Li, Raj, Song, "SphereFace: Deep Hypersphere Embedding for Face Recognition", CVPR 2017.
+    """
+    return margin_cross_entropy(x, W, y, sphereface_config(m, lamb), reduction, chunk_size=chunk_size)
+
+
+__all__ = [
+    "cos_m_theta",
+    "lsoftmax_logits",
+    "lsoftmax_loss",
+    "lsoftmax_psi",
+    "sphereface_logits",
+    "sphereface_loss",
+]

@@ -1,0 +1,406 @@
+r"""Normalized-margin losses in PyTorch: NormFace, CosFace/AM-Softmax, ArcFace, the combined margin.
+
+Same names, arguments and defaults as ``refimpl.normalized``. Every loss is a :class:`MarginConfig`
+of the engine (``torch_port/engine.py``): a fixed scale s, unit features and weights, and a target
+transform psi(cos theta_y, theta_y); the engine computes cosines, angles and the cross-entropy in
+float32 (float64 stays float64) with autocast disabled. The heads in ``torch_port/normalized_heads.py``
+use the same ``*_config`` builders.
+
+Gradients: psi is written in theta (cos(theta + m), not sqrt(1 - cos^2)), and the engine's theta is
+2*atan2(|x^ - w^|, |x^ + w^|), whose gradient is exact away from the poles and zero at theta = 0
+and pi (the cone points, where ArcFace has no derivative); the chain rule then carries the true
+factor d cos(theta + m) / d cos(theta) = sin(theta + m) / sin(theta) (derivations/05-arcface-combined.md).
+
+The closed-form bounds :func:`normface_lower_bound` and :func:`cosface_min_scale` take and return
+Python numbers (they are functions of hyperparameters, not of tensors): they are the reference's,
+re-exported, so that both packages give the same number to the last bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from refimpl.normalized import (
+    arcface_fallback_gap,
+    check_angular_margin,
+    check_combined_margins,
+    check_cosine_margin,
+    check_flag,
+    check_scale,
+    combined_margin_gap,
+    cosface_min_scale,
+    normface_lower_bound,
+)
+from torch_port.engine import MarginConfig, TargetFn, check_inputs, margin_cross_entropy, margin_logits, plain_logits
+
+# ---------------------------------------------------------------------------------------------
+# Target transforms psi(cos_y, theta_y) and the configurations built from them
+# ---------------------------------------------------------------------------------------------
+
+
+def cosface_target(m: float) -> TargetFn:
+    """psi = cos theta - m (CosFace, AM-Softmax); smooth, so it uses the cosine, not the angle."""
+
+    def psi(cos_y: torch.Tensor, theta_y: torch.Tensor) -> torch.Tensor:
+        return cos_y - m
+
+    return psi
+
+
+def arcface_target(m: float, easy_margin: bool) -> TargetFn:
+    """psi = cos(theta + m) while theta + m <= pi, else cos theta - m sin m; or the easy margin."""
+    gap = arcface_fallback_gap(m)
+
+    def psi(cos_y: torch.Tensor, theta_y: torch.Tensor) -> torch.Tensor:
+        shifted = torch.cos(theta_y + m)
+        if easy_margin:
+            return torch.where(cos_y > 0, shifted, cos_y)
+        # The fallback uses the cosine (smooth at theta = pi) rather than cos(theta_y).
+        return torch.where(theta_y + m <= math.pi, shifted, cos_y - gap)
+
+    return psi
+
+
+def combined_margin_target(m1: float, m2: float, m3: float) -> TargetFn:
+    """psi = cos(m1 theta + m2) - m3 while m1 theta + m2 <= pi, else cos theta - m3 - c(m1, m2)."""
+    gap = combined_margin_gap(m1, m2)
+
+    def psi(cos_y: torch.Tensor, theta_y: torch.Tensor) -> torch.Tensor:
+        angle = m1 * theta_y + m2
+        return torch.where(angle <= math.pi, torch.cos(angle) - m3, (cos_y - m3) - gap)
+
+    return psi
+
+
+def normface_config(s) -> MarginConfig:
+    """NormFace: s cos theta for every class. ``s`` is a number > 0 or a 0-d tensor (a learnable scale)."""
+    if not isinstance(s, torch.Tensor):
+        s = check_scale(s)
+    return MarginConfig(scale=s)
+
+
+def cosface_config(s, m) -> MarginConfig:
+    """CosFace/AM-Softmax: target s (cos theta - m)."""
+    s, m = check_scale(s), check_cosine_margin(m)
+    return MarginConfig(target=cosface_target(m), scale=s)
+
+
+def arcface_config(s, m, easy_margin) -> MarginConfig:
+    """ArcFace: target s cos(theta + m), with the fallback (or the easy margin)."""
+    s, m = check_scale(s), check_angular_margin(m)
+    return MarginConfig(target=arcface_target(m, check_flag(easy_margin, "easy_margin")), scale=s)
+
+
+def combined_margin_config(s, m1, m2, m3) -> MarginConfig:
+    """Combined margin: target s (cos(m1 theta + m2) - m3), extended monotonically past pi."""
+    s = check_scale(s)
+    return MarginConfig(target=combined_margin_target(*check_combined_margins(m1, m2, m3)), scale=s)
+
+
+# ---------------------------------------------------------------------------------------------
+# The functional API
+# ---------------------------------------------------------------------------------------------
+
+
+def normface_logits(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor | None = None, s: float = 16.0):
+    r"""NormFace logits: the scaled cosine between each feature and each class weight.
+
+    .. math:: z_{ij} = s \cos\theta_{ij}
+
+    Args:
+        x: (B, D) features. W: (C, D) class weights.
+        y: optional (B,) labels in [0, C), only validated (NormFace has no margin).
+        s: scale > 0.
+
+    Returns:
+        (B, C) logits in float32 (float64 for float64 inputs).
+
+    References:
+        Wang, Xiang, Cheng, Yuille, "NormFace: L2 Hypersphere Embedding for Face Verification", 2017.
+    """
+    config = normface_config(s)
+    if y is not None:
+        check_inputs(x, W, y)
+    return plain_logits(x, W, config)
+
+
+def normface_loss(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    y: torch.Tensor,
+    s: float = 16.0,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    r"""NormFace: cross-entropy of scaled cosines of unit features and unit weights (no bias).
+
+    .. math:: \ell_i = -\log \frac{e^{s \cos\theta_{i y_i}}}{\sum_j e^{s \cos\theta_{ij}}}
+
+    Args:
+        x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
+        s: scale > 0 (default 16). reduction: "mean", "sum" or "none".
+        chunk_size: None, or the number of classes per chunk on the memory-efficient path.
+
+    Returns:
+        The loss in float32 (float64 for float64 inputs).
+
+    References:
+        Wang, Xiang, Cheng, Yuille, "NormFace: L2 Hypersphere Embedding for Face Verification", 2017.
+    """
+    return margin_cross_entropy(x, W, y, normface_config(s), reduction, chunk_size=chunk_size)
+
+
+def cosface_logits(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, s: float = 64.0, m: float = 0.35):
+    r"""CosFace logits: the target's cosine lowered by m, every cosine scaled by s.
+
+    .. math:: z_{i y_i} = s (\cos\theta_{i y_i} - m), \qquad z_{ij} = s \cos\theta_{ij} \ (j \ne y_i)
+
+    Args:
+        x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
+        s: scale > 0. m: cosine margin >= 0.
+
+    Returns:
+        (B, C) logits in float32 (float64 for float64 inputs).
+
+    References:
+        Wang et al., "CosFace: Large Margin Cosine Loss for Deep Face Recognition", CVPR 2018.
+    """
+    return margin_logits(x, W, y, cosface_config(s, m))
+
+
+def cosface_loss(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    y: torch.Tensor,
+    s: float = 64.0,
+    m: float = 0.35,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    r"""CosFace, the large margin cosine loss.
+
+    .. math::
+
+        \ell_i = -\log \frac{e^{s(\cos\theta_{i y_i} - m)}}
+                           {e^{s(\cos\theta_{i y_i} - m)} + \sum_{j \ne y_i} e^{s \cos\theta_{ij}}}
+
+    Args:
+        x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
+        s: scale > 0 (default 64). m: cosine margin >= 0 (default 0.35).
+        reduction: "mean", "sum" or "none". chunk_size: None or classes per chunk.
+
+    Returns:
+        The loss in float32 (float64 for float64 inputs): per sample for "none", else reduced.
+
+    References:
+        Wang et al., "CosFace: Large Margin Cosine Loss for Deep Face Recognition", CVPR 2018.
+    """
+    return margin_cross_entropy(x, W, y, cosface_config(s, m), reduction, chunk_size=chunk_size)
+
+
+def am_softmax_logits(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, s: float = 30.0, m: float = 0.35):
+    r"""AM-Softmax logits: CosFace's formula with AM-Softmax's default s = 30.
+
+    .. math:: z_{i y_i} = s (\cos\theta_{i y_i} - m), \qquad z_{ij} = s \cos\theta_{ij} \ (j \ne y_i)
+
+    Args:
+        x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
+        s: scale > 0. m: cosine margin >= 0.
+
+    Returns:
+        (B, C) logits in float32 (float64 for float64 inputs).
+
+    References:
+        Wang, Cheng, Liu, Liu, "Additive Margin Softmax for Face Verification", IEEE SPL 2018.
+    """
+    return cosface_logits(x, W, y, s, m)
+
+
+def am_softmax_loss(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    y: torch.Tensor,
+    s: float = 30.0,
+    m: float = 0.35,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    r"""AM-Softmax: the additive cosine margin loss (CosFace's formula, default s = 30).
+
+    .. math::
+
+        \ell_i = -\log \frac{e^{s(\cos\theta_{i y_i} - m)}}
+                           {e^{s(\cos\theta_{i y_i} - m)} + \sum_{j \ne y_i} e^{s \cos\theta_{ij}}}
+
+    Args:
+        x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
+        s: scale > 0 (default 30). m: cosine margin >= 0 (default 0.35).
+        reduction: "mean", "sum" or "none". chunk_size: None or classes per chunk.
+
+    Returns:
+        The loss in float32 (float64 for float64 inputs): per sample for "none", else reduced.
+
+    References:
+        Wang, Cheng, Liu, Liu, "Additive Margin Softmax for Face Verification", IEEE SPL 2018.
+    """
+    return cosface_loss(x, W, y, s, m, reduction, chunk_size)
+
+
+def arcface_logits(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    y: torch.Tensor,
+    s: float = 64.0,
+    m: float = 0.5,
+    easy_margin: bool = False,
+):
+    r"""ArcFace logits: the margin added to the target's angle.
+
+    .. math::
+
+        z_{i y_i} = s\,\psi(\theta_{i y_i}), \quad z_{ij} = s \cos\theta_{ij}, \qquad
+        \psi(\theta) = \cos(\theta + m) \text{ if } \theta + m \le \pi \text{ else } \cos\theta - m\sin m
+
+    Args:
+        x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
+        s: scale > 0. m: angular margin in [0, pi/2]. easy_margin: margin only where cos theta_y > 0.
+
+    Returns:
+        (B, C) logits in float32 (float64 for float64 inputs).
+
+    References:
+        Deng, Guo, Xue, Zafeiriou, "ArcFace: Additive Angular Margin Loss for Deep Face Recognition",
+        CVPR 2019.
+    """
+    return margin_logits(x, W, y, arcface_config(s, m, easy_margin))
+
+
+def arcface_loss(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    y: torch.Tensor,
+    s: float = 64.0,
+    m: float = 0.5,
+    easy_margin: bool = False,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    r"""ArcFace, the additive angular margin loss.
+
+    .. math::
+
+        \ell_i = -\log \frac{e^{s \psi(\theta_{i y_i})}}
+                           {e^{s \psi(\theta_{i y_i})} + \sum_{j \ne y_i} e^{s \cos\theta_{ij}}},
+        \qquad \psi(\theta) = \cos(\theta + m) \text{ while } \theta + m \le \pi,
+        \text{ else } \cos\theta - m \sin m
+
+    psi jumps down at theta = pi - m (by cos m + m sin m - 1 >= 0), so it never rewards a worse
+    feature. ``easy_margin=True`` applies the margin only where cos theta_y > 0 (psi = cos theta
+    elsewhere; that psi jumps up by sin m at pi/2). Gradients are exact away from theta = 0, pi - m
+    and pi, finite everywhere (zero through theta at the poles).
+
+    Args:
+        x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
+        s: scale > 0 (default 64). m: angular margin in [0, pi/2] (default 0.5).
+        easy_margin: a bool (default False). reduction: "mean", "sum" or "none".
+        chunk_size: None or classes per chunk.
+
+    Returns:
+        The loss in float32 (float64 for float64 inputs): per sample for "none", else reduced.
+
+    References:
+        Deng, Guo, Xue, Zafeiriou, "ArcFace: Additive Angular Margin Loss for Deep Face Recognition",
+        CVPR 2019.
+    """
+    return margin_cross_entropy(x, W, y, arcface_config(s, m, easy_margin), reduction, chunk_size=chunk_size)
+
+
+def combined_margin_logits(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    y: torch.Tensor,
+    s: float = 64.0,
+    m1: float = 1.0,
+    m2: float = 0.5,
+    m3: float = 0.0,
+):
+    r"""Combined-margin logits: the target logit s (cos(m1 theta + m2) - m3), extended monotonically past pi.
+
+    .. math::
+
+        z_{i y_i} = s\,\psi(\theta_{i y_i}), \quad z_{ij} = s \cos\theta_{ij}, \qquad
+        \psi(\theta) = \cos(m_1\theta + m_2) - m_3 \text{ if } m_1\theta + m_2 \le \pi
+        \text{ else } \cos\theta - m_3 - c(m_1, m_2)
+
+    Args:
+        x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
+        s: scale > 0. m1: >= 1. m2: in [0, pi/2]. m3: >= 0.
+
+    Returns:
+        (B, C) logits in float32 (float64 for float64 inputs).
+
+    References:
+        Deng, Guo, Xue, Zafeiriou, "ArcFace: Additive Angular Margin Loss for Deep Face Recognition",
+        CVPR 2019 (the combined margin).
+    """
+    return margin_logits(x, W, y, combined_margin_config(s, m1, m2, m3))
+
+
+def combined_margin_loss(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    y: torch.Tensor,
+    s: float = 64.0,
+    m1: float = 1.0,
+    m2: float = 0.5,
+    m3: float = 0.0,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    r"""The combined margin loss (m1, m2, m3): SphereFace's, ArcFace's and CosFace's margins at once.
+
+    .. math::
+
+        \psi(\theta) = \begin{cases}
+            \cos(m_1 \theta + m_2) - m_3 & m_1 \theta + m_2 \le \pi \\
+            \cos\theta - m_3 - c(m_1, m_2) & \text{otherwise}
+        \end{cases}
+
+    with c from ``refimpl.normalized.combined_margin_gap``: psi is non-increasing, <= cos theta, and
+    equals ArcFace's psi for (1, m, 0) and CosFace's for (1, 0, m).
+
+    Args:
+        x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
+        s: scale > 0 (default 64). m1 >= 1 (default 1). m2 in [0, pi/2] (default 0.5).
+        m3 >= 0 (default 0). reduction: "mean", "sum" or "none". chunk_size: None or classes per chunk.
+
+    Returns:
+        The loss in float32 (float64 for float64 inputs): per sample for "none", else reduced.
+
+    References:
+        Deng, Guo, Xue, Zafeiriou, "ArcFace: Additive Angular Margin Loss for Deep Face Recognition",
+        CVPR 2019 (the combined margin).
+    """
+    return margin_cross_entropy(x, W, y, combined_margin_config(s, m1, m2, m3), reduction, chunk_size=chunk_size)
+
+
+__all__ = [
+    "am_softmax_logits",
+    "am_softmax_loss",
+    "arcface_config",
+    "arcface_logits",
+    "arcface_loss",
+    "combined_margin_config",
+    "combined_margin_logits",
+    "combined_margin_loss",
+    "cosface_config",
+    "cosface_logits",
+    "cosface_loss",
+    "cosface_min_scale",
+    "normface_config",
+    "normface_logits",
+    "normface_loss",
+    "normface_lower_bound",
+]

@@ -1,0 +1,254 @@
+r"""nn.Module heads of the normalized-margin losses: NormFace, CosFace, AMSoftmax, ArcFace, CombinedMargin.
+
+Each head owns ``weight`` (num_classes, dim) and returns its loss's configuration of the engine;
+``forward(x, y)`` is the loss with the margin, ``logits(x)`` the margin-free ``s cos theta`` used at
+inference (the argmax and the cosine scores of a trained model). Hyperparameters are plain attributes,
+checked when the head is built and again on every call (by the configuration builders), so an
+attribute set to a bad value fails the next call before anything is computed.
+
+Initialisation: ``weight`` ~ N(0, 0.01^2) elementwise (MarginHead's): the logits use only the
+directions of W's rows, and an isotropic Gaussian draws those uniformly on the sphere. The 0.01 does
+not change the loss, only the size of the first steps (the gradient of a normalized row scales as
+1/|W_j|).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from refimpl.normalized import (
+    check_angular_margin,
+    check_combined_margins,
+    check_cosine_margin,
+    check_flag,
+    check_scale,
+)
+from torch_port.engine import MarginConfig
+from torch_port.heads import MarginHead
+from torch_port.normalized import arcface_config, combined_margin_config, cosface_config, normface_config
+
+
+class NormFace(MarginHead):
+    r"""NormFace head: softmax over :math:`s \cos\theta_{ij}`, with a fixed or learnable scale.
+
+    .. math:: \ell_i = -\log \frac{e^{s \cos\theta_{i y_i}}}{\sum_j e^{s \cos\theta_{ij}}}
+
+    With ``learn_scale=True`` the scale is learned as s = exp(log_scale), with ``log_scale`` an
+    unconstrained parameter initialised to log(s): s stays positive whatever the optimiser does, and
+    its gradient s dL/ds makes steps relative to s (the NormFace paper learns s as a parameter and
+    recommends it). ``log_scale`` is kept in float32 at least (float64 for a float64 head) so that
+    the initial scale is exact.
+
+    Args:
+        num_classes: C >= 1. dim: feature dimension D >= 1.
+        s: the (initial) scale > 0 (default 16). learn_scale: learn s (default False).
+        reduction: "mean", "sum" or "none". chunk_size: None or classes per chunk.
+        device, dtype: of ``weight``.
+
+    References:
+        Wang, Xiang, Cheng, Yuille, "NormFace: L2 Hypersphere Embedding for Face Verification", 2017.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        s: float = 16.0,
+        learn_scale: bool = False,
+        *,
+        reduction: str = "mean",
+        chunk_size: int | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        s = check_scale(s)
+        learn_scale = check_flag(learn_scale, "learn_scale")
+        super().__init__(num_classes, dim, reduction=reduction, chunk_size=chunk_size, device=device, dtype=dtype)
+        self.learn_scale = learn_scale
+        if learn_scale:
+            scale_dtype = torch.promote_types(dtype or torch.get_default_dtype(), torch.float32)
+            self.log_scale = nn.Parameter(torch.tensor(math.log(s), device=device, dtype=scale_dtype))
+        else:
+            self._fixed_scale = s
+
+    @property
+    def s(self) -> float:
+        """The current scale as a number (for a learned scale: exp(log_scale), detached)."""
+        return float(self.log_scale.detach().exp()) if self.learn_scale else self._fixed_scale
+
+    @s.setter
+    def s(self, value: float) -> None:
+        value = check_scale(value)
+        if self.learn_scale:
+            with torch.no_grad():
+                self.log_scale.fill_(math.log(value))
+        else:
+            self._fixed_scale = value
+
+    def margin_config(self) -> MarginConfig:
+        return normface_config(self.log_scale.exp() if self.learn_scale else self._fixed_scale)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, s={self.s:.6g}, learn_scale={self.learn_scale}"
+
+
+class CosFace(MarginHead):
+    r"""CosFace (LMCL) head: the target's cosine lowered by m, then scaled by s.
+
+    .. math::
+
+        \ell_i = -\log \frac{e^{s(\cos\theta_{i y_i} - m)}}
+                           {e^{s(\cos\theta_{i y_i} - m)} + \sum_{j \ne y_i} e^{s \cos\theta_{ij}}}
+
+    Args:
+        num_classes: C >= 1. dim: feature dimension D >= 1.
+        s: scale > 0 (default 64). m: cosine margin >= 0 (default 0.35).
+        reduction, chunk_size, device, dtype: as for :class:`torch_port.heads.MarginHead`.
+
+    References:
+        Wang et al., "CosFace: Large Margin Cosine Loss for Deep Face Recognition", CVPR 2018.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        s: float = 64.0,
+        m: float = 0.35,
+        *,
+        reduction: str = "mean",
+        chunk_size: int | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        s, m = check_scale(s), check_cosine_margin(m)
+        super().__init__(num_classes, dim, reduction=reduction, chunk_size=chunk_size, device=device, dtype=dtype)
+        self.s, self.m = s, m
+
+    def margin_config(self) -> MarginConfig:
+        return cosface_config(self.s, self.m)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, s={self.s}, m={self.m}"
+
+
+class AMSoftmax(CosFace):
+    r"""AM-Softmax head: CosFace's formula with AM-Softmax's default scale s = 30.
+
+    .. math:: z_{i y_i} = s (\cos\theta_{i y_i} - m), \qquad z_{ij} = s \cos\theta_{ij}
+
+    Args:
+        num_classes: C >= 1. dim: feature dimension D >= 1.
+        s: scale > 0 (default 30). m: cosine margin >= 0 (default 0.35).
+        reduction, chunk_size, device, dtype: as for :class:`torch_port.heads.MarginHead`.
+
+    References:
+        Wang, Cheng, Liu, Liu, "Additive Margin Softmax for Face Verification", IEEE SPL 2018.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        s: float = 30.0,
+        m: float = 0.35,
+        *,
+        reduction: str = "mean",
+        chunk_size: int | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(num_classes, dim, s, m, reduction=reduction, chunk_size=chunk_size, device=device, dtype=dtype)
+
+
+class ArcFace(MarginHead):
+    r"""ArcFace head: the margin m added to the target's angle.
+
+    .. math::
+
+        \psi(\theta) = \cos(\theta + m) \text{ while } \theta + m \le \pi,
+        \text{ else } \cos\theta - m \sin m; \qquad z_{i y_i} = s\,\psi(\theta_{i y_i})
+
+    Args:
+        num_classes: C >= 1. dim: feature dimension D >= 1.
+        s: scale > 0 (default 64). m: angular margin in [0, pi/2] (default 0.5).
+        easy_margin: apply the margin only where cos theta_y > 0 (default False).
+        reduction, chunk_size, device, dtype: as for :class:`torch_port.heads.MarginHead`.
+
+    References:
+        Deng, Guo, Xue, Zafeiriou, "ArcFace: Additive Angular Margin Loss for Deep Face Recognition",
+        CVPR 2019.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        s: float = 64.0,
+        m: float = 0.5,
+        easy_margin: bool = False,
+        *,
+        reduction: str = "mean",
+        chunk_size: int | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        s, m = check_scale(s), check_angular_margin(m)
+        easy_margin = check_flag(easy_margin, "easy_margin")
+        super().__init__(num_classes, dim, reduction=reduction, chunk_size=chunk_size, device=device, dtype=dtype)
+        self.s, self.m, self.easy_margin = s, m, easy_margin
+
+    def margin_config(self) -> MarginConfig:
+        return arcface_config(self.s, self.m, self.easy_margin)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, s={self.s}, m={self.m}, easy_margin={self.easy_margin}"
+
+
+class CombinedMargin(MarginHead):
+    r"""Combined-margin head: target :math:`s(\cos(m_1\theta + m_2) - m_3)`, extended monotonically past pi.
+
+    (m1, m2, m3) = (1, m, 0) is ArcFace, (1, 0, m) is CosFace; see
+    ``torch_port.functional.combined_margin_loss`` for the extension past theta* = (pi - m2)/m1.
+
+    Args:
+        num_classes: C >= 1. dim: feature dimension D >= 1.
+        s: scale > 0 (default 64). m1: >= 1 (default 1). m2: in [0, pi/2] (default 0.5).
+        m3: >= 0 (default 0).
+        reduction, chunk_size, device, dtype: as for :class:`torch_port.heads.MarginHead`.
+
+    References:
+        Deng, Guo, Xue, Zafeiriou, "ArcFace: Additive Angular Margin Loss for Deep Face Recognition",
+        CVPR 2019 (the combined margin).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        s: float = 64.0,
+        m1: float = 1.0,
+        m2: float = 0.5,
+        m3: float = 0.0,
+        *,
+        reduction: str = "mean",
+        chunk_size: int | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        s = check_scale(s)
+        m1, m2, m3 = check_combined_margins(m1, m2, m3)
+        super().__init__(num_classes, dim, reduction=reduction, chunk_size=chunk_size, device=device, dtype=dtype)
+        self.s, self.m1, self.m2, self.m3 = s, m1, m2, m3
+
+    def margin_config(self) -> MarginConfig:
+        return combined_margin_config(self.s, self.m1, self.m2, self.m3)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, s={self.s}, m1={self.m1}, m2={self.m2}, m3={self.m3}"
+
+
+__all__ = ["AMSoftmax", "ArcFace", "CombinedMargin", "CosFace", "NormFace"]
