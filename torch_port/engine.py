@@ -152,12 +152,20 @@ def margin_cross_entropy(
     """Cross-entropy of the margin logits, reduced over the batch.
 
     chunk_size: None computes the (B, C) logits at once; an int walks the classes in chunks of that
-    many and never keeps a (B, C) tensor (the memory-efficient path).
+    many and never keeps a (B, C) tensor (the memory-efficient path, torch_port/chunked.py; equal
+    to the plain path to rounding, once-differentiable).
     """
     reduction = check_reduction(reduction)
+    if chunk_size is not None:
+        # Imported here: torch_port.chunked builds on this module's geometry and target logits.
+        from refimpl._validate import check_positive_int
+        from torch_port.chunked import chunked_margin_cross_entropy
+
+        chunk_size = check_positive_int(chunk_size, "chunk_size")
     y = check_inputs(x, W, y)
     if chunk_size is not None:
-        raise NotImplementedError("the chunked path (chunk_size=int) is not built yet")
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return reduce_loss(chunked_margin_cross_entropy(x, W, y, config, chunk_size), reduction)
     with torch.autocast(device_type=x.device.type, enabled=False):
         logits = _margin_logits(_Geometry(x, W), y, config)
         return reduce_loss(F.cross_entropy(logits, y, reduction="none"), reduction)

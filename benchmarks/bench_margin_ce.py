@@ -1,0 +1,439 @@
+"""Speed and memory of an ArcFace-style margin cross-entropy with very many classes.
+
+Compares, on the same x (B, D), W (C, D) and labels y, one forward + backward (gradients for x and W):
+
+  matmul floor    the three bare products of the same shapes, x W^T, G W, G^T x (no loss at all)
+  naive           normalize, matmul, margin on the target column, F.cross_entropy
+  pml ArcFace     pytorch-metric-learning's ArcFaceLoss and CosFaceLoss with the same weights
+  pml CosFace     (only when pytorch-metric-learning is installed; skipped otherwise)
+  plain           this project's engine, chunk_size=None (the (B, C) logits at once)
+  chunked         this project's engine, chunk_size=k (torch_port/chunked.py)
+  chunked products only   the four matrix products the chunked path does (x W_c^T in forward;
+                  x W_c^T, G_c^T x, G_c W_c in backward) and nothing else: its own floor
+
+Time: one process, the implementations run round-robin (one run of each per round, so a slow
+moment of the machine hits all of them), median of ``--repeats`` rounds after one warm-up round;
+reported in ms and as a ratio to the matmul floor.
+
+Memory: on CPU each (implementation, shape) runs in a fresh child interpreter: it builds the
+inputs, runs one warm-up step, frees its gradients and returns freed heap to the OS (malloc_trim),
+resets the kernel's peak-RSS mark (/proc/self/clear_refs), then runs one measured step.
+extra = peak RSS - RSS before that step. On CUDA: torch.cuda.max_memory_allocated() - allocated
+before the step, in this process. Reported as extra / (B*C*4 bytes), in two forms: "all" counts
+everything; "work" subtracts the gradients the step must return (dx: B*D, dW: C*D, in the inputs'
+dtype), which every implementation holds at the end and which the caller owns.
+
+Usage:
+    python benchmarks/bench_margin_ce.py                       # the grid of this machine (CPU, or CUDA)
+    python benchmarks/bench_margin_ce.py --quick               # one small shape: does it run?
+    python benchmarks/bench_margin_ce.py --plot out.png --json out.json
+    python benchmarks/bench_margin_ce.py --from-json out.json --plot out.png   # redraw only
+    python benchmarks/bench_margin_ce.py --shape 256 512 100000 --only chunked --chunk-size 2048 --no-memory
+
+CPU grid: B = 256, D in {128, 512}, C in {1e4, 3e4, 1e5}, float32. CUDA grid: bf16 inputs,
+D = 512, B in {1024, 4096}, C in {1e5, 3e5, 1e6}; TF32 matmuls are allowed on CUDA for every
+implementation (the port computes half inputs in float32, so without TF32 it would run fp32
+products against bf16 ones; ``--no-tf32`` turns this off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from torch_port.chunked import chunk_size_for
+from torch_port.functional import arcface_loss
+
+SCALE, ARC_MARGIN, COS_MARGIN = 64.0, 0.5, 0.35
+CPU_GRID = [(256, d, c) for d in (128, 512) for c in (10_000, 30_000, 100_000)]
+CUDA_GRID = [(b, 512, c) for b in (1024, 4096) for c in (100_000, 300_000, 1_000_000)]
+QUICK_GRID = [(64, 64, 5_000)]
+
+try:
+    from pytorch_metric_learning import losses as pml_losses
+except ImportError:
+    pml_losses = None
+
+
+# ---- the implementations: each builds, from (x, W, y), a step doing forward + backward -----------------
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_()
+
+
+class Step:
+    """One forward + backward; the gradients it leaves in ``leaves`` stay until the next call or free()."""
+
+    def __init__(self, run: Callable[[], None], leaves=()):
+        self.run, self.leaves = run, leaves
+
+    def free(self) -> None:
+        for leaf in self.leaves:
+            leaf.grad = None
+
+    def __call__(self) -> None:
+        self.free()
+        self.run()
+
+
+def _loss_step(loss_fn: Callable, x, W, y) -> Step:
+    x, W = _leaf(x), _leaf(W)
+    return Step(lambda: loss_fn(x, W, y).backward(), (x, W))
+
+
+def floor_step(x, W, y) -> Step:
+    """The bare products of a linear layer's forward and backward: x W^T, G W, G^T x (G = the logits)."""
+
+    def run():
+        logits = x @ W.T
+        logits @ W, logits.T @ x
+
+    return Step(run)
+
+
+def chunked_products_step(chunk_size: int):
+    """The four products of a chunked path that recomputes in backward, and nothing else: per chunk
+    x W_c^T (forward), then x W_c^T again, G_c^T x and G_c W_c (backward). The floor of that design."""
+
+    def build(x, W, y):
+        def run():
+            num_classes, batch = W.shape[0], x.shape[0]
+            block = torch.empty(batch * min(chunk_size, num_classes), dtype=x.dtype, device=x.device)
+            for start in range(0, num_classes, chunk_size):
+                rows = W[start : start + chunk_size]
+                torch.mm(x, rows.T, out=block[: batch * rows.shape[0]].view(batch, -1))
+            grad_W, grad_x = torch.empty_like(W), torch.zeros_like(x)
+            for start in range(0, num_classes, chunk_size):
+                rows = W[start : start + chunk_size]
+                logits = torch.mm(x, rows.T, out=block[: batch * rows.shape[0]].view(batch, -1))
+                torch.mm(logits.T, x, out=grad_W[start : start + chunk_size])
+                grad_x.addmm_(logits, rows)
+
+        return Step(run)
+
+    return build
+
+
+def naive_arcface(x, W, y):
+    cos = F.normalize(x) @ F.normalize(W).T
+    cos_y = cos.gather(1, y[:, None]).clamp(-1 + 1e-7, 1 - 1e-7)
+    logits = cos.scatter(1, y[:, None], torch.cos(torch.acos(cos_y) + ARC_MARGIN))
+    return F.cross_entropy(SCALE * logits, y)
+
+
+def project_arcface(chunk_size):
+    def loss(x, W, y):
+        return arcface_loss(x, W, y, s=SCALE, m=ARC_MARGIN, chunk_size=chunk_size)
+
+    return loss
+
+
+def pml_step(kind: str):
+    def build(x, W, y):
+        num_classes, dim = W.shape
+        if kind == "arcface":
+            module = pml_losses.ArcFaceLoss(num_classes, dim, margin=math.degrees(ARC_MARGIN), scale=SCALE)
+        else:
+            module = pml_losses.CosFaceLoss(num_classes, dim, margin=COS_MARGIN, scale=SCALE)
+        module = module.to(device=W.device)
+        with torch.no_grad():  # the same weights (pml keeps them as (D, C))
+            module.W.data = W.T.contiguous()
+        features = _leaf(x)
+        return Step(lambda: module(features, y).backward(), (features, module.W))
+
+    return build
+
+
+def implementations(batch: int, num_classes: int, chunk_size: int | None, device) -> dict[str, Callable]:
+    chunk = chunk_size or chunk_size_for(batch, num_classes, device)
+    impls = {
+        "matmul floor": floor_step,
+        "naive": lambda x, W, y: _loss_step(naive_arcface, x, W, y),
+    }
+    if pml_losses is not None:
+        impls["pml ArcFaceLoss"] = pml_step("arcface")
+        impls["pml CosFaceLoss"] = pml_step("cosface")
+    impls["plain"] = lambda x, W, y: _loss_step(project_arcface(None), x, W, y)
+    impls[f"chunked (k={chunk})"] = lambda x, W, y: _loss_step(project_arcface(chunk), x, W, y)
+    impls[f"chunked products only (k={chunk})"] = chunked_products_step(chunk)
+    return impls
+
+
+def make_inputs(batch, dim, num_classes, device, dtype, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(batch, dim, generator=gen).to(device=device, dtype=dtype)
+    W = (0.01 * torch.randn(num_classes, dim, generator=gen)).to(device=device, dtype=dtype)
+    y = torch.randint(0, num_classes, (batch,), generator=gen).to(device)
+    return x, W, y
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---- time ---------------------------------------------------------------------------------------------
+
+
+def time_round_robin(steps: dict[str, Callable], device, repeats: int) -> dict[str, float]:
+    """Median seconds per step; each round runs every implementation once, after one warm-up round."""
+    runs = {name: [] for name in steps}
+    for round_index in range(repeats + 1):
+        for name, step in steps.items():
+            if runs[name] is None:
+                continue  # ran out of memory before
+            _sync(device)
+            start = time.perf_counter()
+            try:
+                step()
+                _sync(device)
+            except torch.OutOfMemoryError:
+                runs[name] = None
+            if runs[name] is not None and round_index > 0:
+                runs[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(r) if r else math.nan) for name, r in runs.items()}
+
+
+# ---- memory -------------------------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _release_freed_heap() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def child_measure_memory(impl: str, batch: int, dim: int, num_classes: int, chunk_size: int | None) -> int:
+    """Runs in a fresh interpreter: peak RSS of one step minus RSS just before it, in bytes."""
+    x, W, y = make_inputs(batch, dim, num_classes, torch.device("cpu"), torch.float32)
+    steps = implementations(batch, num_classes, chunk_size, "cpu")
+    step = steps[next(name for name in steps if name.split(" (")[0] == impl)](x, W, y)
+    step()  # warm-up: one-time allocations (thread pools, BLAS buffers) are not the loss's
+    step.free()
+    gc.collect()
+    _release_freed_heap()
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # resets VmHWM (the peak RSS) to the current RSS
+    before = _status_kib("VmRSS")
+    step()
+    return (_status_kib("VmHWM") - before) * 1024
+
+
+def measure_memory_cpu(impl: str, batch, dim, num_classes, chunk_size) -> float:
+    command = [sys.executable, __file__, "--child-memory", impl, str(batch), str(dim), str(num_classes)]
+    command += [str(chunk_size or 0)]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        print(f"  memory child for {impl} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+        return math.nan
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def measure_memory_cuda(step: Step, device) -> float:
+    step()
+    _sync(device)
+    step.free()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    try:
+        step()
+        _sync(device)
+    except torch.OutOfMemoryError:
+        return math.nan
+    return float(torch.cuda.max_memory_allocated(device) - before)
+
+
+# ---- the run ------------------------------------------------------------------------------------------
+
+
+def run(grid, device, dtype, repeats, chunk_size, only=None, memory=True) -> list[dict]:
+    rows = []
+    for batch, dim, num_classes in grid:
+        x, W, y = make_inputs(batch, dim, num_classes, device, dtype)
+        steps = {}
+        for name, build in implementations(batch, num_classes, chunk_size, device).items():
+            if only and name != "matmul floor" and name.split(" (")[0] not in only:
+                continue
+            try:
+                steps[name] = build(x, W, y)
+            except torch.OutOfMemoryError:
+                steps[name] = None
+        runnable = {name: step for name, step in steps.items() if step is not None}
+        times = time_round_robin(runnable, device, repeats)
+        unit = batch * num_classes * 4
+        grads = (batch * dim + num_classes * dim) * x.element_size()
+        for name in steps:
+            if not memory:
+                extra = math.nan
+            elif device.type == "cuda":
+                extra = measure_memory_cuda(steps[name], device) if steps[name] else math.nan
+            else:
+                extra = measure_memory_cpu(name.split(" (")[0], batch, dim, num_classes, chunk_size)
+            rows.append(
+                dict(
+                    B=batch,
+                    D=dim,
+                    C=num_classes,
+                    impl=name,
+                    seconds=times.get(name, math.nan),
+                    extra_bytes=extra,
+                    unit_bytes=unit,
+                    grad_bytes=grads,
+                )
+            )
+        floor = times["matmul floor"]
+        for row in rows[-len(steps) :]:
+            row["time_ratio"] = row["seconds"] / floor
+            row["mem_all"] = row["extra_bytes"] / unit
+            row["mem_work"] = (row["extra_bytes"] - grads) / unit
+            print(
+                f"B={batch:5d} D={dim:4d} C={num_classes:8d}  {row['impl']:22s} {1e3 * row['seconds']:9.1f} ms "
+                f"x{row['time_ratio']:5.2f}   mem all {row['mem_all']:6.2f}  work {row['mem_work']:6.3f}",
+                flush=True,
+            )
+        del x, W, y, steps, runnable
+    return rows
+
+
+def machine_description(device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = os.getloadavg()
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| B | D | C | implementation | time (ms) | time / floor | extra memory / (B*C*4): all | work |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+
+        def fmt(v, spec):
+            return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+        lines.append(
+            f"| {r['B']} | {r['D']} | {r['C']:,} | {r['impl']} | {fmt(1e3 * r['seconds'], '.1f')} | "
+            f"{fmt(r['time_ratio'], '.2f')} | {fmt(r['mem_all'], '.2f')} | {fmt(r['mem_work'], '.3f')} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dims = sorted({r["D"] for r in rows})
+    impls = list(dict.fromkeys(r["impl"].split(" (")[0] for r in rows))
+    fig, axes = plt.subplots(2, len(dims), figsize=(5.5 * len(dims), 8), squeeze=False)
+    for col, dim in enumerate(dims):
+        for impl in impls:
+            mine = [r for r in rows if r["D"] == dim and r["impl"].split(" (")[0] == impl]
+            mine.sort(key=lambda r: (r["B"], r["C"]))
+            xs = [r["C"] for r in mine]
+            axes[0][col].plot(xs, [r["time_ratio"] for r in mine], marker="o", label=impl)
+            axes[1][col].plot(xs, [max(r["mem_work"], 1e-3) for r in mine], marker="o", label=impl)
+        axes[0][col].set(xscale="log", ylabel="time / matmul floor", title=f"D = {dim}", xlabel="classes C")
+        axes[0][col].axhline(1.3, color="grey", linestyle=":", linewidth=1, label="target of the chunked path")
+        axes[1][col].set(
+            xscale="log", yscale="log", xlabel="classes C", ylabel="extra memory beyond gradients / (B*C*4)"
+        )
+        axes[1][col].axhline(0.1, color="grey", linestyle=":", linewidth=1, label="target of the chunked path")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median), after one warm-up")
+    parser.add_argument("--chunk-size", type=int, default=0, help="0: chunk_size_for(B, C)")
+    parser.add_argument("--quick", action="store_true", help="one small shape")
+    parser.add_argument(
+        "--shape", nargs=3, type=int, action="append", metavar=("B", "D", "C"), help="instead of the grid"
+    )
+    parser.add_argument("--only", nargs="+", help="names of the implementations to run (the floor always runs)")
+    parser.add_argument("--no-memory", action="store_true", help="time only")
+    parser.add_argument("--no-tf32", action="store_true")
+    parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--plot", help="draw the figure here (PNG)")
+    parser.add_argument("--from-json", help="read rows from a previous --json instead of running")
+    parser.add_argument("--child-memory", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child_memory:
+        impl, batch, dim, classes, chunk = args.child_memory
+        print(child_measure_memory(impl, int(batch), int(dim), int(classes), int(chunk) or None))
+        return
+
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        rows, title = saved["rows"], saved["title"]
+    else:
+        device = torch.device(args.device)
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
+            grid, dtype = CUDA_GRID, torch.bfloat16
+        else:
+            grid, dtype = CPU_GRID, torch.float32
+        if args.quick:
+            grid = QUICK_GRID
+        if args.shape:
+            grid = [tuple(shape) for shape in args.shape]
+        print(f"pytorch-metric-learning: {'installed' if pml_losses else 'not installed, skipped'}")
+        started = time.time()
+        rows = run(grid, device, dtype, args.repeats, args.chunk_size or None, args.only, not args.no_memory)
+        title = f"{machine_description(device)}; {dtype}; {time.time() - started:.0f} s"
+        print(title)
+        print(markdown_table(rows))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"rows": rows, "title": title}, f, indent=1)
+    if args.plot:
+        plot(rows, args.plot, title)
+
+
+if __name__ == "__main__":
+    main()
