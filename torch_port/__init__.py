@@ -8,8 +8,10 @@ from torch_port import functional
 from torch_port.angular_heads import LSoftmax, MarginSchedule, SphereFace
 from torch_port.center import CenterLoss
 from torch_port.distillation import DistillationLoss
+from torch_port.distributed import ShardedMarginHead
 from torch_port.normalized_heads import AMSoftmax, ArcFace, CombinedMargin, CosFace, NormFace
 
 __all__ = ["DistillationLoss", "functional"]
 __all__ += ["CenterLoss", "LSoftmax", "MarginSchedule", "SphereFace"]
 __all__ += ["AMSoftmax", "ArcFace", "CombinedMargin", "CosFace", "NormFace"]
+__all__ += ["ShardedMarginHead"]
