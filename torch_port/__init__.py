@@ -11,7 +11,17 @@ from torch_port.distillation import DistillationLoss
 from torch_port.distributed import ShardedMarginHead
 from torch_port.normalized_heads import AMSoftmax, ArcFace, CombinedMargin, CosFace, NormFace
 
-__all__ = ["DistillationLoss", "functional"]
-__all__ += ["CenterLoss", "LSoftmax", "MarginSchedule", "SphereFace"]
-__all__ += ["AMSoftmax", "ArcFace", "CombinedMargin", "CosFace", "NormFace"]
-__all__ += ["ShardedMarginHead"]
+__all__ = [
+    "AMSoftmax",
+    "ArcFace",
+    "CenterLoss",
+    "CombinedMargin",
+    "CosFace",
+    "DistillationLoss",
+    "LSoftmax",
+    "MarginSchedule",
+    "NormFace",
+    "ShardedMarginHead",
+    "SphereFace",
+    "functional",
+]

@@ -504,7 +504,7 @@ def train_one(
         mean_loss = float(total) / data.train_x.shape[0]
         if not math.isfinite(mean_loss):
             raise RuntimeError(f"{LOSS_TITLES[loss]}: the training loss became {mean_loss} in epoch {epoch + 1}")
-        bar.set_postfix(loss=f"{mean_loss:.3f}")
+        bar.set_postfix(loss=f"{mean_loss:.3f}", refresh=False)  # redraw at tqdm's own pace, not every epoch
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start

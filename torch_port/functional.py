@@ -30,14 +30,29 @@ from torch_port.normalized import (
 from torch_port.softmax import cross_entropy, distillation_loss, log_softmax, naive_softmax, softmax
 
 __all__ = [
+    "am_softmax_logits",
+    "am_softmax_loss",
+    "arcface_logits",
+    "arcface_loss",
+    "center_loss",
+    "center_update",
+    "combined_margin_logits",
+    "combined_margin_loss",
+    "cos_m_theta",
+    "cosface_logits",
+    "cosface_loss",
+    "cosface_min_scale",
     "cross_entropy",
     "distillation_loss",
     "log_softmax",
+    "lsoftmax_logits",
+    "lsoftmax_loss",
+    "lsoftmax_psi",
     "naive_softmax",
+    "normface_logits",
+    "normface_loss",
+    "normface_lower_bound",
     "softmax",
+    "sphereface_logits",
+    "sphereface_loss",
 ]
-__all__ += ["cos_m_theta", "lsoftmax_logits", "lsoftmax_loss", "lsoftmax_psi", "sphereface_logits", "sphereface_loss"]
-__all__ += ["center_loss", "center_update"]
-__all__ += ["am_softmax_logits", "am_softmax_loss", "arcface_logits", "arcface_loss", "combined_margin_logits"]
-__all__ += ["combined_margin_loss", "cosface_logits", "cosface_loss", "cosface_min_scale", "normface_logits"]
-__all__ += ["normface_loss", "normface_lower_bound"]
