@@ -49,6 +49,22 @@ def check_labels(y, batch: int, num_classes: int, name: str = "y") -> np.ndarray
     return y.astype(np.intp, copy=False)
 
 
+def check_features_table_labels(x, table, y, table_name: str):
+    """Features x (B, D), a per-class table (C, D) (weights W or centers) and labels y (B,).
+
+    Returns x and the table as float64 arrays and the labels as integers (None when y is None).
+    """
+    x = as_float64(x, "x")
+    table = as_float64(table, table_name)
+    batch, dim = check_ndim(x, "x", ndim=2)
+    classes, width = check_ndim(table, table_name, ndim=2)
+    if width != dim:
+        raise ValueError(
+            f"{table_name} must have shape (C, {dim}) to match x's feature dimension, got {(classes, width)}"
+        )
+    return x, table, None if y is None else check_labels(y, batch, classes)
+
+
 def pick(matrix, y):
     """matrix[i, y_i] for each row i: the target column of a (B, C) array."""
     return matrix[np.arange(len(y)), y]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import autograd.numpy as anp
 
-from refimpl._arrays import as_float64, check_labels, check_ndim
+from refimpl._arrays import check_features_table_labels
 
 # Normalisation divides by max(|v|, NORM_EPS): a zero vector maps to zero (cos = 0 with every class).
 NORM_EPS = 1e-12
@@ -30,14 +30,7 @@ def normalize_rows(v):
 
 def check_features_weights_labels(x, W, y):
     """Validate (x, W, y) for a margin loss and return them as float64 arrays and integer labels."""
-    x = as_float64(x, "x")
-    W = as_float64(W, "W")
-    batch, dim = check_ndim(x, "x", ndim=2)
-    classes, wdim = check_ndim(W, "W", ndim=2)
-    if wdim != dim:
-        raise ValueError(f"W must have shape (C, {dim}) to match x's feature dimension, got {(classes, wdim)}")
-    y = check_labels(y, batch, classes)
-    return x, W, y
+    return check_features_table_labels(x, W, y, "W")
 
 
 def cosines(x, W):

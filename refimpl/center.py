@@ -11,18 +11,12 @@ import autograd.numpy as anp
 import numpy as np
 from autograd.tracer import getval
 
-from refimpl._arrays import as_float64, check_labels, check_ndim, reduce_loss
+from refimpl._arrays import check_features_table_labels, reduce_loss
 from refimpl._validate import check_interval
 
 
 def _check_features_labels_centers(x, y, centers):
-    x = as_float64(x, "x")
-    centers = as_float64(centers, "centers")
-    batch, dim = check_ndim(x, "x", ndim=2)
-    classes, cdim = check_ndim(centers, "centers", ndim=2)
-    if cdim != dim:
-        raise ValueError(f"centers must have shape (C, {dim}) to match x's feature dimension, got {(classes, cdim)}")
-    y = check_labels(y, batch, classes)
+    x, centers, y = check_features_table_labels(x, centers, y, "centers")
     return x, y, centers
 
 

@@ -28,7 +28,7 @@ from fractions import Fraction
 import autograd.numpy as anp
 import numpy as np
 
-from refimpl._arrays import as_float64, check_labels, check_ndim, pick, reduce_loss
+from refimpl._arrays import check_features_table_labels, check_labels, pick, reduce_loss
 from refimpl._geometry import check_features_weights_labels, cosines, replace_target, target_angles
 from refimpl._validate import (
     check_interval,
@@ -110,15 +110,7 @@ def combined_margin_gap(m1: float, m2: float) -> float:
 
 def _features_and_weights(x, W, y=None):
     """Validated float64 (x, W) and, when given, integer labels."""
-    if y is not None:
-        return check_features_weights_labels(x, W, y)
-    x = as_float64(x, "x")
-    W = as_float64(W, "W")
-    _, dim = check_ndim(x, "x", ndim=2)
-    classes, wdim = check_ndim(W, "W", ndim=2)
-    if wdim != dim:
-        raise ValueError(f"W must have shape (C, {dim}) to match x's feature dimension, got {(classes, wdim)}")
-    return x, W, None
+    return check_features_table_labels(x, W, y, "W")
 
 
 def _cross_entropy(logits, y, reduction):

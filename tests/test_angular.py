@@ -24,34 +24,14 @@ from hypothesis import strategies as st
 import refimpl
 import torch_port.functional as tpf
 from tests import strategies as S
+from tests.impls import IMPLS, call, grad_first
 from tests.records.angular import annealing_weights, features_weights_labels, margins, off_branch_boundaries
 from tests.tolerances import Tol, assert_close
 from torch_port import LSoftmax, MarginSchedule, SphereFace
 
 EPS = float(np.finfo(np.float64).eps)
-IMPLS = ["refimpl", "torch_port"]
 # The two losses differ only in which norms multiply the cosines and in the annealing weight's name.
 LOSSES = {"lsoftmax": "beta", "sphereface": "lamb"}
-
-
-def call(impl: str, name: str, *arrays, dtype: torch.dtype = torch.float64, **kwargs) -> np.ndarray:
-    """``name`` from one implementation, called on NumPy inputs; the result as float64 NumPy."""
-    if impl == "refimpl":
-        return np.asarray(getattr(refimpl, name)(*arrays, **kwargs), dtype=np.float64)
-    tensors = [
-        torch.as_tensor(a) if np.issubdtype(np.asarray(a).dtype, np.integer) else torch.as_tensor(a, dtype=dtype)
-        for a in arrays
-    ]
-    return getattr(tpf, name)(*tensors, **kwargs).double().numpy()
-
-
-def grad_first(impl: str, name: str, first: np.ndarray, *rest, **kwargs) -> np.ndarray:
-    """Gradient of sum(name(first, *rest)) w.r.t. ``first`` (HIPS autograd or torch.autograd, float64)."""
-    if impl == "refimpl":
-        return autograd.grad(lambda a: autograd.numpy.sum(getattr(refimpl, name)(a, *rest, **kwargs)))(first)
-    t = torch.tensor(first, dtype=torch.float64, requires_grad=True)
-    (g,) = torch.autograd.grad(getattr(tpf, name)(t, *map(torch.as_tensor, rest), **kwargs).sum(), t)
-    return g.numpy()
 
 
 def psi_by_intervals(theta: np.ndarray, m: int) -> np.ndarray:

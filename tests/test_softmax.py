@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 
-import autograd
 import numpy as np
 import pytest
 import torch
@@ -22,34 +21,14 @@ from hypothesis import strategies as st
 import refimpl
 import torch_port.functional as tpf
 from tests import strategies as S
+from tests.impls import IMPLS, call, grad_first
 from tests.tolerances import Tol, assert_close
 from torch_port import DistillationLoss
 
 EPS = float(np.finfo(np.float64).eps)
-IMPLS = ["refimpl", "torch_port"]
 # |z| <= 30 and T >= 0.25 keep every exponent above -240: nothing underflows, so entropies and
 # KL divergences stay resolvable in float64 (the same bound the registry draws with).
 LOGIT_BOUND = 30.0
-
-
-def call(impl: str, name: str, *arrays, dtype: torch.dtype = torch.float64, **kwargs) -> np.ndarray:
-    """``name`` from one implementation, called on NumPy inputs; the result as float64 NumPy."""
-    if impl == "refimpl":
-        return np.asarray(getattr(refimpl, name)(*arrays, **kwargs), dtype=np.float64)
-    tensors = [
-        torch.as_tensor(a) if np.issubdtype(np.asarray(a).dtype, np.integer) else torch.as_tensor(a, dtype=dtype)
-        for a in arrays
-    ]
-    return getattr(tpf, name)(*tensors, **kwargs).double().numpy()
-
-
-def grad_first(impl: str, name: str, first: np.ndarray, *rest, **kwargs) -> np.ndarray:
-    """Gradient of the scalar ``name(first, *rest)`` w.r.t. ``first``: HIPS autograd or torch.autograd."""
-    if impl == "refimpl":
-        return autograd.grad(lambda a: getattr(refimpl, name)(a, *rest, **kwargs))(first)
-    t = torch.tensor(first, dtype=torch.float64, requires_grad=True)
-    (g,) = torch.autograd.grad(getattr(tpf, name)(t, *map(torch.as_tensor, rest), **kwargs), t)
-    return g.numpy()
 
 
 def entropy(impl: str, z: np.ndarray, T: float) -> np.ndarray:

@@ -65,6 +65,26 @@ def check_labels(y, batch: int, num_classes: int, name: str = "y") -> torch.Tens
     return y.long()
 
 
+def check_features_table_labels(x, table, y, table_name: str):
+    """Features x (B, D), a per-class table (C, D) (weights W or centers) and optional labels (B,).
+
+    Checks shapes, the dtype rule and devices; returns the labels as int64 (None when y is None).
+    """
+    check_float_tensor(x, "x", ndim=2)
+    check_float_tensor(table, table_name, ndim=2)
+    if table.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"{table_name} must have shape (C, {x.shape[1]}) to match x's feature dimension, got {tuple(table.shape)}"
+        )
+    compute_dtype(("x", x), (table_name, table))
+    check_same_device(("x", x), (table_name, table))
+    if y is None:
+        return None
+    y = check_labels(y, x.shape[0], table.shape[0])
+    check_same_device(("x", x), ("y", y))
+    return y
+
+
 def reduce_loss(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
     """The one reduction every loss ends with: mean over the batch, sum, or none."""
     if reduction == "mean":
@@ -76,6 +96,7 @@ def reduce_loss(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
 
 __all__ = [
     "HALF_DTYPES",
+    "check_features_table_labels",
     "check_float_tensor",
     "check_labels",
     "check_reduction",

@@ -11,9 +11,7 @@ from torch import nn
 
 from refimpl._validate import check_interval, check_nonnegative, check_positive_int, check_reduction
 from torch_port._checks import (
-    check_float_tensor,
-    check_labels,
-    check_same_device,
+    check_features_table_labels,
     compute_dtype,
     reduce_loss,
 )
@@ -21,16 +19,8 @@ from torch_port._checks import (
 
 def _check_features_labels_centers(x, y, centers):
     """Validate x (B, D), y (B,), centers (C, D); returns them in the compute dtype, y as int64."""
-    check_float_tensor(x, "x", ndim=2)
-    check_float_tensor(centers, "centers", ndim=2)
-    if centers.shape[1] != x.shape[1]:
-        raise ValueError(
-            f"centers must have shape (C, {x.shape[1]}) to match x's feature dimension, got {tuple(centers.shape)}"
-        )
+    y = check_features_table_labels(x, centers, y, "centers")
     dtype = compute_dtype(("x", x), ("centers", centers))
-    check_same_device(("x", x), ("centers", centers))
-    y = check_labels(y, x.shape[0], centers.shape[0])
-    check_same_device(("x", x), ("y", y))
     return x.to(dtype), y, centers.to(dtype)
 
 

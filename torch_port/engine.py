@@ -29,9 +29,7 @@ import torch.nn.functional as F
 
 from refimpl._validate import check_reduction
 from torch_port._checks import (
-    check_float_tensor,
-    check_labels,
-    check_same_device,
+    check_features_table_labels,
     compute_dtype,
     reduce_loss,
 )
@@ -62,17 +60,7 @@ class MarginConfig:
 
 def check_inputs(x, W, y=None):
     """Validate features (B, D), weights (C, D) and optional labels (B,); returns labels as int64."""
-    check_float_tensor(x, "x", ndim=2)
-    check_float_tensor(W, "W", ndim=2)
-    if W.shape[1] != x.shape[1]:
-        raise ValueError(f"W must have shape (C, {x.shape[1]}) to match x's feature dimension, got {tuple(W.shape)}")
-    compute_dtype(("x", x), ("W", W))
-    check_same_device(("x", x), ("W", W))
-    if y is None:
-        return None
-    y = check_labels(y, x.shape[0], W.shape[0])
-    check_same_device(("x", x), ("y", y))
-    return y
+    return check_features_table_labels(x, W, y, "W")
 
 
 class _Geometry:
