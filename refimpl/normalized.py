@@ -28,7 +28,7 @@ from fractions import Fraction
 import autograd.numpy as anp
 import numpy as np
 
-from refimpl._arrays import check_features_table_labels, check_labels, pick, reduce_loss
+from refimpl._arrays import check_features_table_labels, pick
 from refimpl._geometry import check_features_weights_labels, cosines, replace_target, target_angles
 from refimpl._validate import (
     check_interval,
@@ -37,7 +37,7 @@ from refimpl._validate import (
     check_positive_int,
     check_reduction,
 )
-from refimpl.softmax import log_softmax
+from refimpl.softmax import cross_entropy
 
 # The angle where Delta * sin(Delta) peaks on [0, pi]: the root of sin(D) + D cos(D) = 0 in (pi/2, pi).
 # Past it the first-order cosine gap of the combined margin's extension is held at its peak, so the
@@ -113,10 +113,6 @@ def _features_and_weights(x, W, y=None):
     return check_features_table_labels(x, W, y, "W")
 
 
-def _cross_entropy(logits, y, reduction):
-    return reduce_loss(-pick(log_softmax(logits), y), reduction)
-
-
 def normface_logits(x, W, y=None, s=16.0):
     r"""NormFace logits: the scaled cosine between each feature and each class weight.
 
@@ -159,7 +155,7 @@ def normface_loss(x, W, y, s=16.0, reduction="mean"):
     """
     reduction = check_reduction(reduction)
     logits = normface_logits(x, W, y, s)
-    return _cross_entropy(logits, check_labels(y, *np.shape(logits)), reduction)
+    return cross_entropy(logits, y, reduction)
 
 
 def cosface_logits(x, W, y, s=64.0, m=0.35):
@@ -206,7 +202,7 @@ def cosface_loss(x, W, y, s=64.0, m=0.35, reduction="mean"):
     """
     reduction = check_reduction(reduction)
     logits = cosface_logits(x, W, y, s, m)
-    return _cross_entropy(logits, check_labels(y, *np.shape(logits)), reduction)
+    return cross_entropy(logits, y, reduction)
 
 
 def am_softmax_logits(x, W, y, s=30.0, m=0.35):
@@ -315,7 +311,7 @@ def arcface_loss(x, W, y, s=64.0, m=0.5, easy_margin=False, reduction="mean"):
     """
     reduction = check_reduction(reduction)
     logits = arcface_logits(x, W, y, s, m, easy_margin)
-    return _cross_entropy(logits, check_labels(y, *np.shape(logits)), reduction)
+    return cross_entropy(logits, y, reduction)
 
 
 def combined_margin_logits(x, W, y, s=64.0, m1=1.0, m2=0.5, m3=0.0):
@@ -378,7 +374,7 @@ def combined_margin_loss(x, W, y, s=64.0, m1=1.0, m2=0.5, m3=0.0, reduction="mea
     """
     reduction = check_reduction(reduction)
     logits = combined_margin_logits(x, W, y, s, m1, m2, m3)
-    return _cross_entropy(logits, check_labels(y, *np.shape(logits)), reduction)
+    return cross_entropy(logits, y, reduction)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from refimpl._validate import check_reduction
+from refimpl._validate import check_positive_int, check_reduction
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -85,6 +85,11 @@ def check_features_table_labels(x, table, y, table_name: str):
     return y
 
 
+def check_chunk_size(chunk_size) -> int | None:
+    """None (the plain path) or the classes per chunk of the memory-efficient path, an int >= 1."""
+    return None if chunk_size is None else check_positive_int(chunk_size, "chunk_size")
+
+
 def reduce_loss(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
     """The one reduction every loss ends with: mean over the batch, sum, or none."""
     if reduction == "mean":
@@ -96,6 +101,7 @@ def reduce_loss(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
 
 __all__ = [
     "HALF_DTYPES",
+    "check_chunk_size",
     "check_features_table_labels",
     "check_float_tensor",
     "check_labels",

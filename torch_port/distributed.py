@@ -56,9 +56,9 @@ import torch.distributed as dist
 from torch import nn
 
 from refimpl._validate import check_interval, check_positive, check_positive_int, check_reduction
-from torch_port._checks import check_labels, check_same_device, compute_dtype, reduce_loss
+from torch_port._checks import check_chunk_size, check_labels, check_same_device, compute_dtype, reduce_loss
 from torch_port.engine import MarginConfig, _Geometry, _target_logits, check_inputs, margin_cross_entropy, plain_logits
-from torch_port.heads import MarginHead, check_chunk_size
+from torch_port.heads import MarginHead
 
 # The version tag of a shard's checkpoint metadata (ShardedMarginHead.get_extra_state).
 CHECKPOINT_FORMAT = "softmax-variants/sharded-margin-head/1"
@@ -191,41 +191,30 @@ class _LogSumExpOverRanks(torch.autograd.Function):
         return grad * torch.exp(local - result), None
 
 
-class _MeanGradOverRanks(torch.autograd.Function):
-    """Forward: identity. Backward: the mean over ranks of the incoming gradient.
+class _AllReduceGrad(torch.autograd.Function):
+    """Forward: identity. Backward: the incoming gradient summed (or averaged) over the ranks.
 
-    The loss is replicated (every rank holds the same values). Averaging the gradient that comes
-    back makes the rest of the backward see one gradient on every rank, so the result is the
-    gradient of the mean of what the ranks back-propagate: the exact gradient of the loss when they
-    all back-propagate the same function of it, as a training loop does.
+    average=True, on the replicated loss (every rank holds the same values): averaging the gradient
+    that comes back makes the rest of the backward see one gradient on every rank, so the result is
+    the gradient of the mean of what the ranks back-propagate: the exact gradient of the loss when
+    they all back-propagate the same function of it, as a training loop does.
+
+    average=False, on a tensor every rank holds a copy of (a learnable scale) but whose gradient
+    each rank only sees the part of its own classes of: the sum is the whole gradient.
     """
 
     @staticmethod
-    def forward(ctx, replicated, group):
-        ctx.group = group
-        return replicated.view_as(replicated)
-
-    @staticmethod
-    def backward(ctx, grad):
-        total = grad.contiguous().clone()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
-        return total / dist.get_world_size(ctx.group), None
-
-
-class _ReplicatedParameter(torch.autograd.Function):
-    """Forward: identity. Backward: all-reduce sum, for a tensor every rank holds a copy of (a
-    learnable scale) but whose gradient each rank only sees the part of its own classes of."""
-
-    @staticmethod
-    def forward(ctx, value, group):
-        ctx.group = group
+    def forward(ctx, value, group, average: bool):
+        ctx.group, ctx.average = group, average
         return value.view_as(value)
 
     @staticmethod
     def backward(ctx, grad):
         total = grad.contiguous().clone()
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
-        return total, None
+        if ctx.average:
+            total = total / dist.get_world_size(ctx.group)
+        return total, None, None
 
 
 # --- agreement across ranks ----------------------------------------------------------------------
@@ -335,7 +324,7 @@ def _margin_on_rows(config: MarginConfig, rows: torch.Tensor, group) -> MarginCo
     """
     scale = config.scale
     if isinstance(scale, torch.Tensor) and scale.requires_grad:
-        scale = _ReplicatedParameter.apply(scale, group)
+        scale = _AllReduceGrad.apply(scale, group, False)
     psi = config.target
     if psi is None:
         return dataclasses.replace(config, scale=scale)
@@ -401,7 +390,7 @@ def _sharded_loss(
         )
         log_normaliser = _LogSumExpOverRanks.apply(cross_entropy + stand_in, group)
         target = _SumOverRanks.apply(torch.where(owned, stand_in, torch.zeros_like(stand_in)), group)
-        per_sample = _MeanGradOverRanks.apply(log_normaliser - target, group)
+        per_sample = _AllReduceGrad.apply(log_normaliser - target, group, True)
         kept_global = None if kept is None else kept + start
         return reduce_loss(per_sample, reduction), kept_global
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from refimpl._validate import check_reduction
 from torch_port._checks import (
+    check_chunk_size,
     check_features_table_labels,
     compute_dtype,
     reduce_loss,
@@ -144,14 +145,12 @@ def margin_cross_entropy(
     to the plain path to rounding, once-differentiable).
     """
     reduction = check_reduction(reduction)
-    if chunk_size is not None:
-        # Imported here: torch_port.chunked builds on this module's geometry and target logits.
-        from refimpl._validate import check_positive_int
-        from torch_port.chunked import chunked_margin_cross_entropy
-
-        chunk_size = check_positive_int(chunk_size, "chunk_size")
+    chunk_size = check_chunk_size(chunk_size)
     y = check_inputs(x, W, y)
     if chunk_size is not None:
+        # Imported here: torch_port.chunked builds on this module's geometry and target logits.
+        from torch_port.chunked import chunked_margin_cross_entropy
+
         with torch.autocast(device_type=x.device.type, enabled=False):
             return reduce_loss(chunked_margin_cross_entropy(x, W, y, config, chunk_size), reduction)
     with torch.autocast(device_type=x.device.type, enabled=False):

@@ -13,11 +13,8 @@ import torch
 from torch import nn
 
 from refimpl._validate import check_positive_int, check_reduction
+from torch_port._checks import check_chunk_size
 from torch_port.engine import MarginConfig, margin_cross_entropy, plain_logits
-
-
-def check_chunk_size(chunk_size) -> int | None:
-    return None if chunk_size is None else check_positive_int(chunk_size, "chunk_size")
 
 
 class MarginHead(nn.Module):
@@ -66,9 +63,7 @@ class MarginHead(nn.Module):
         return dataclasses.replace(self.margin_config(), target=None)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return margin_cross_entropy(
-            x, self.weight, y, self.margin_config(), self.reduction, chunk_size=self.chunk_size
-        )
+        return margin_cross_entropy(x, self.weight, y, self.margin_config(), self.reduction, chunk_size=self.chunk_size)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Margin-free logits (B, C) for inference: what the argmax and the softmax are taken of."""
