@@ -295,6 +295,50 @@ def test_no_batch_by_class_tensor_is_produced(kind, learnable):
             assert probe.largest <= limit < batch * classes
 
 
+class _MatrixProducts(TorchDispatchMode):
+    """Counts the aten matrix-matrix products (mm and addmm, any overload) that run."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    ("classes", "chunk", "products"),
+    [(10, 10, 3), (10, 64, 3), (10, 5, 7), (10, 3, 15), (10, 1, 39)],
+)
+def test_products_per_step(classes, chunk, products):
+    """Forward + backward does 4n - 1 matrix products for n chunks: one per chunk in forward, and in
+    backward G^T u and G W per chunk plus the recomputation of every chunk's logits but the last
+    (kept from forward). With C <= chunk_size that is 3, the plain path's count."""
+    gen = torch.Generator().manual_seed(6)
+    x, W = torch.randn(4, 3, generator=gen, requires_grad=True), torch.randn(classes, 3, generator=gen)
+    W.requires_grad_()
+    y = torch.tensor([0, 9, 4, 4])
+    with _MatrixProducts() as probe:
+        margin_cross_entropy(x, W, y, CONFIGS["arcface"](8.0), chunk_size=chunk).backward()
+    assert probe.count == products
+
+
+def test_repeated_backward_is_bit_identical():
+    """retain_graph=True: the first backward uses the kept last block, the second recomputes it;
+    both give the same bits (the order of summation does not depend on which happened)."""
+    gen = torch.Generator().manual_seed(7)
+    x, W = torch.randn(5, 4, generator=gen, requires_grad=True), torch.randn(23, 4, generator=gen)
+    W.requires_grad_()
+    scale = torch.tensor(16.0, requires_grad=True)
+    loss = margin_cross_entropy(x, W, torch.tensor([0, 22, 7, 7, 21]), CONFIGS["lsoftmax-like"](scale), "sum", 6)
+    first = torch.autograd.grad(loss, (x, W, scale), retain_graph=True)
+    second = torch.autograd.grad(loss, (x, W, scale))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
 def test_inputs_are_not_modified():
     gen = torch.Generator().manual_seed(4)
     x, W = torch.randn(4, 5, generator=gen), torch.randn(33, 5, generator=gen)

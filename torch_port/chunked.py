@@ -6,20 +6,26 @@ gradient dominate memory. This path computes what the plain path of
 scale, to rounding, but touches the classes ``chunk_size`` at a time:
 
 - forward: for each chunk, the (B, k) logits c_j (u_i . W_j) with the targets' columns masked out,
-  folded into an online softmax normaliser (a running maximum M_i and a running sum of
-  exp(logit - M_i)); the target logit t_i = S_iy psi(cos, theta) comes from the B rows W[y]
-  alone, so the loss is (M_i - t_i) + log(exp(t_i - M_i) + sum), the form log_softmax has.
+  reduced to a per-chunk maximum and sum of exponentials, merged at the end into the softmax
+  normaliser (M_i, sum_j exp(logit_ij - M_i)); the target logit t_i = S_iy psi(cos, theta) comes
+  from the B rows W[y] alone, so the loss is (M_i - t_i) + log(exp(t_i - M_i) + sum), the form
+  log_softmax has.
 - backward: each chunk's logits are recomputed from x and W (one more matrix product instead of
-  keeping B x C numbers), turned into G_ij = g_i p_ij and pushed into du (G W) and dW (G^T u)
+  keeping B x C numbers; the last chunk's products are kept from forward, so with C <= chunk_size
+  nothing is recomputed), turned into G_ij = g_i p_ij and pushed into du (G W) and dW (G^T u)
   before the next chunk; the chain rule through the per-class normalisation 1/max(|W_j|, eps) is
   applied by hand, so no (C, D) tensor is created besides dW itself.
 - the feature side (normalising x, the target logit with its margin) is a few (B, D) operations:
   it goes through ordinary autograd, rebuilt in backward rather than kept, so that every target
   transform psi of :class:`~torch_port.engine.MarginConfig` works unchanged.
 
-Between forward and backward only x, W, y and (B,)/(C,) vectors are kept. The backward is
-once-differentiable. On a GPU the chunk loop never waits for the host; grouping the labels by
-chunk costs one synchronisation per pass. Measurements: benchmarks/RESULTS.md.
+The matrix products are the cost: with n = ceil(C / k) chunks the path does 4n - 1 products of
+(B, D) by (D, k) size where the plain path does 3n (the recomputation is what buys memory
+independent of C). Everything else is a handful of passes over each (B, k) block, the
+exponentials as exp2 (faster than exp on CPU, see _normaliser). Between forward and backward only
+x, W, y, (B,)/(C,) vectors and the last chunk's two (B, k) blocks are kept. The backward is
+once-differentiable. On a GPU the chunk loop never waits for the host; grouping the labels by chunk
+costs one synchronisation per pass. Measurements: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from refimpl._validate import check_positive, check_positive_int
-from torch_port.engine import NORM_EPS, MarginConfig, _Geometry, _target_logits
+from torch_port.engine import NORM_EPS, MarginConfig, _Geometry, _target_logits, unit_rows
 
 # The memory one chunk's (B, k) block may take, by device. CPU: 1 MiB keeps the block in the
 # per-core L2 cache while it is exponentiated and fed to the next product (k = 1024 at B = 256; on
@@ -39,6 +45,7 @@ from torch_port.engine import NORM_EPS, MarginConfig, _Geometry, _target_logits
 # slower, see benchmarks/RESULTS.md). GPU: 256 MiB, so that a step is a few dozen chunks of large
 # products rather than thousands of small kernel launches (k = 16384 at B = 4096).
 CHUNK_BUDGET_BYTES = {"cpu": 2**20, "cuda": 256 * 2**20}
+LOG2E = 1.0 / math.log(2.0)
 MIN_CHUNK = 128
 
 
@@ -116,71 +123,46 @@ def _norm_factors(norms: torch.Tensor, weight_norm: bool) -> tuple[torch.Tensor,
     gradient where n >= eps, and d|W_j|/dW_j = W_j/|W_j| is taken as 0 at W_j = 0.
     """
     clamped = norms.clamp_min(NORM_EPS)
-    passes = norms >= NORM_EPS
     if weight_norm:
-        # h(n) = n / max(n, eps): 1 above eps, so only the tiny-norm side has a slope.
+        # h(n) = n / max(n, eps): 1 above eps, so only the tiny-norm side has a slope, 1/eps.
         h = norms / clamped
-        slope = torch.where(passes, torch.zeros_like(norms), torch.full_like(norms, 1.0 / NORM_EPS))
+        below = (norms > 0) & (norms < NORM_EPS)
+        chain = torch.where(below, (1.0 / NORM_EPS) / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
     else:
-        h = 1.0 / clamped
-        slope = torch.where(passes, -1.0 / (clamped * clamped), torch.zeros_like(norms))
-    chain = torch.where(norms > 0, slope / norms.clamp_min(torch.finfo(norms.dtype).tiny), torch.zeros_like(norms))
+        # h(n) = 1 / max(n, eps): slope -1/n^2 above eps, flat below (and at 0).
+        h = clamped.reciprocal_()
+        chain = h.pow(3).neg_().masked_fill_(norms < NORM_EPS, 0.0)
     return h, chain
 
 
-def _row_dots(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    """a_j . b_j for every row j of two (k, D) tensors, the products held in ``scratch`` (flat).
+class _Chunks:
+    """The class chunks [start, stop) in order, and where the targets fall in them.
 
-    torch.linalg.vecdot would allocate a (k, D) product (twice the (B, k) block at D = 2B); a
-    batched 1 x D by D x 1 product allocates nothing but runs 4x slower on CPU. This reuses the
-    chunk's block, free at this point, a piece of rows at a time.
-    """
-    width = a.shape[1]
-    rows_per_piece = max(1, scratch.numel() // width)
-    out = a.new_empty(a.shape[0])
-    for first in range(0, a.shape[0], rows_per_piece):
-        last = min(first + rows_per_piece, a.shape[0])
-        piece = scratch[: (last - first) * width].view(last - first, width)
-        torch.sum(torch.mul(a[first:last], b[first:last], out=piece), dim=1, out=out[first:last])
-    return out
-
-
-class _ChunkWalker:
-    """The chunks of W in order: each chunk's rows (upcast if needed), its (B, k) products u W_c^T,
-    and the (row, column) positions of the targets that fall in it.
-
-    One flat buffer of B * chunk_size numbers is reused for every chunk's block (a view of its first
-    B * k entries is contiguous), so the loop allocates no (B, k) tensor per chunk. The targets are
-    grouped by chunk once, before the loop (sorting B labels; one host synchronisation on a GPU, for
-    the group sizes), so that a chunk touches its targets with one indexed write, or not at all.
+    The targets are grouped by chunk once, before the loops (sorting B labels; one host
+    synchronisation on a GPU, for the group sizes), so that a chunk touches its targets with one
+    indexed write, or not at all. ``buffer`` hands out flat buffers of B * chunk_size numbers; a
+    chunk's (B, k) block is a view of the first B * k entries (contiguous), so the loops allocate no
+    (B, k) tensor per chunk.
     """
 
-    def __init__(self, W: torch.Tensor, u: torch.Tensor, y: torch.Tensor, chunk_size: int):
-        self.W, self.u, self.chunk_size = W, u, chunk_size
-        # At least one row of D numbers: the buffer doubles as _row_dots' scratch.
-        size = max(u.shape[0] * min(chunk_size, W.shape[0]), u.shape[1])
-        self.buffer = torch.empty(size, dtype=u.dtype, device=u.device)
+    def __init__(self, num_classes: int, y: torch.Tensor, chunk_size: int):
+        self.num_classes, self.chunk_size = num_classes, chunk_size
+        self.bounds = [(start, min(start + chunk_size, num_classes)) for start in range(0, num_classes, chunk_size)]
         chunk_of = torch.div(y, chunk_size, rounding_mode="floor")
         order = torch.argsort(chunk_of)
-        self.target_rows, self.target_columns = order, (y - chunk_of * chunk_size)[order]
-        num_chunks = -(-W.shape[0] // chunk_size)
-        self.counts = torch.bincount(chunk_of, minlength=num_chunks).tolist()
+        rows, columns = order, (y - chunk_of * chunk_size)[order]
+        counts = torch.bincount(chunk_of, minlength=len(self.bounds)).tolist()
+        self.targets, first = [], 0
+        for count in counts:
+            self.targets.append((rows[first : first + count], columns[first : first + count]) if count else None)
+            first += count
 
-    def __iter__(self):
-        num_classes, batch = self.W.shape[0], self.u.shape[0]
-        first = 0
-        for start, count in zip(range(0, num_classes, self.chunk_size), self.counts):
-            stop = min(start + self.chunk_size, num_classes)
-            # Half-precision weights are upcast one chunk at a time: never a float32 copy of all of W.
-            rows = self.W[start:stop].to(self.u.dtype)
-            products = self.buffer[: batch * (stop - start)].view(batch, stop - start)
-            torch.mm(self.u, rows.T, out=products)  # u_i . W_j, before the column factor c_j
-            targets = None
-            if count:
-                span = slice(first, first + count)
-                targets = (self.target_rows[span], self.target_columns[span])
-                first += count
-            yield slice(start, stop), rows, products, targets
+    def buffer(self, like: torch.Tensor) -> torch.Tensor:
+        return like.new_empty(like.shape[0] * min(self.chunk_size, self.num_classes))
+
+    @staticmethod
+    def block(buffer: torch.Tensor, batch: int, start: int, stop: int) -> torch.Tensor:
+        return buffer[: batch * (stop - start)].view(batch, stop - start)
 
 
 def _feature_side(x, w_target, config: MarginConfig, scale):
@@ -189,70 +171,104 @@ def _feature_side(x, w_target, config: MarginConfig, scale):
     u_i = x_i / max(|x_i|, eps), times |x_i| when the config keeps the feature norm."""
     rows = _Geometry(x, w_target)
     target = _target_logits(rows, torch.arange(x.shape[0], device=x.device), dataclasses.replace(config, scale=scale))
-    return target, (rows.x_hat * rows.x_norm if config.feature_norm else rows.x_hat)
+    return target, _products_side(rows.x_hat, rows.x_norm, config)
 
 
-def _normaliser(W, u, y, target, h, scale, chunk_size: int):
-    """Online softmax normaliser (Milakov & Gimelshein) over the non-target classes, chunk by chunk.
+def _products_side(x_hat, x_norm, config: MarginConfig):
+    return x_hat * x_norm if config.feature_norm else x_hat
 
-    Returns M_i, a running maximum of row i's logits (started at the target logit, so finite from
-    the first chunk on), and sum_{j != y_i} exp(logit_ij - M_i), rescaled whenever M_i grows.
-    Keeping the pair (M, sum) rather than one log-sum-exp number matters in float32: logit - M is
-    exact for the large logits, where a rounded log Z of size ~s would cost |log Z| * eps in every
-    probability, and in the backward pass.
+
+def _normaliser(W, u, target, column, chunks: _Chunks, keep_last: bool):
+    """The softmax normaliser over the non-target classes, one product per chunk; ``column`` holds
+    the factors c_j = s h(|W_j|), so that logit_ij = c_j (u_i . W_j).
+
+    Each chunk c contributes its own maximum m_ic = max(t_i, max_{j in c, j != y_i} logit_ij) and
+    sum_{j in c, j != y_i} exp(logit_ij - m_ic); they are merged once at the end (Milakov &
+    Gimelshein's online normaliser, with the rescaling done for all chunks at once instead of after
+    each one: fewer small operations per chunk). Returns M_i = max(t_i, every logit of row i) and
+    sum_{j != y_i} exp(logit_ij - M_i). Keeping the pair (M, sum) rather than one log-sum-exp number
+    matters in float32: logit - M is exact for the large logits, where a rounded log Z of size ~s
+    would cost |log Z| * eps in every probability, and in the backward pass.
+
+    The exponentials are exp2((logit - m) log2(e)): on CPU torch's exp2 runs about 4x faster than its
+    exp (which goes through MKL's vector library there). The factor log2(e) multiplies the
+    difference logit - m, not the logit: its rounding is then relative to the difference (small
+    for the probabilities that matter), where scaling the logits themselves would cost
+    eps |logit| in every exponent (0.06 at logits of 1e6 in float32).
+
+    With ``keep_last`` the two buffers of the last chunk are also returned, the first holding its
+    products u W_c^T: the backward pass need not compute them again (for C <= chunk_size: no
+    recomputation at all), and goes on using both buffers instead of allocating its own.
     """
-    peak = target.clone()
-    others = torch.zeros_like(peak)
-    for columns, _, logits, targets in _ChunkWalker(W, u, y, chunk_size):
-        logits.mul_((scale * h[columns])[None, :])
+    batch = u.shape[0]
+    raw_buffer = chunks.buffer(u)
+    maxima = u.new_empty(len(chunks.bounds), batch)
+    sums = torch.empty_like(maxima)
+    kept = None
+    for index, ((start, stop), targets) in enumerate(zip(chunks.bounds, chunks.targets)):
+        raw = torch.mm(u, W[start:stop].to(u.dtype).T, out=chunks.block(raw_buffer, batch, start, stop))
+        if keep_last and index == len(chunks.bounds) - 1:
+            kept = (raw_buffer, chunks.buffer(u))
+            logits = torch.mul(raw, column[start:stop], out=chunks.block(kept[1], batch, start, stop))
+        else:
+            logits = raw.mul_(column[start:stop])
         if targets is not None:
             logits[targets] = -math.inf
-        new_peak = torch.maximum(peak, logits.amax(dim=1))
-        chunk_sum = logits.sub_(new_peak[:, None]).exp_().sum(dim=1)
-        others = others.mul_(torch.exp(peak - new_peak)).add_(chunk_sum)
-        peak = new_peak
-    return peak, others
+        peak = torch.maximum(torch.amax(logits, dim=1, out=maxima[index]), target, out=maxima[index])
+        torch.sum(logits.sub_(peak[:, None]).mul_(LOG2E).exp2_(), dim=1, out=sums[index])
+    peak = maxima.amax(dim=0)
+    return peak, sums.mul_(maxima.sub_(peak).exp_()).sum(dim=0), kept
 
 
-def _backward_chunks(W, u, y, h, chain, peak, row_factor, scale, chunk_size, needs):
+def _backward_chunks(W, u, chunks: _Chunks, h, chain, peak, row_factor, scale, needs, kept):
     """du (before the row factor), dW (without the targets' own share) and dL/ds over the chunks.
 
-    G_ij = g_i p_ij = (g_i / total_i) exp(logit_ij - M_i): the row factor g_i / total_i is folded into
-    u for G^T u (a (B, D) scaling) and into du by the caller, so the (B, k) blocks here are
-    exp(logit_ij - M_i) alone, all <= 1.
+    G_ij = g_i p_ij = (g_i / total_i) exp(logit_ij - M_i), logit_ij = c_j (u_i . W_j). The row factor
+    r_i = g_i / total_i is folded into u for G^T u (a (B, D) scaling) and into du by the caller, so
+    the (B, k) blocks here hold E_ij = exp(logit_ij - M_i) alone, all <= 1. Two blocks per chunk: the
+    products u W_c^T stay beside E, because the chain rule through the per-class factor c_j needs
+    dL/dc_j = sum_i G_ij (u_i . W_j), one pass over the pair and a matrix-vector product; that is
+    cheaper than the row dots W_j . (G^T u)_j on the (k, D) side, twice the size at D = 2B.
+    The forward's last chunk goes first: with ``kept`` (the forward's two buffers, the first holding
+    that chunk's products) it is not recomputed.
     """
     need_u, need_W, need_scale = needs
-    dtype = u.dtype
-    u_weighted = u * row_factor[:, None]
+    batch, dtype = u.shape[0], u.dtype
+    u_weighted = u * row_factor[:, None] if need_W else None
     grad_u = torch.zeros_like(u) if need_u else None
     grad_W = torch.empty_like(W) if need_W else None
     grad_scale = torch.zeros((), dtype=dtype, device=W.device)
-    walker = _ChunkWalker(W, u, y, chunk_size)
-    for columns, rows, probs, targets in walker:
-        column = scale * h[columns]
-        # exp(c_j (u_i . W_j) - M_i), rounded step by step exactly as in forward (not fused into one
-        # multiply-add): then sum_j p_ij matches the forward's total to the last bit, and the target's
-        # gradient (from that total) cancels the others' as it does in log_softmax.
-        probs.mul_(column[None, :]).sub_(peak[:, None]).exp_()
-        if targets is not None:
-            probs[targets] = 0.0  # the targets' gradient flows through t instead
-        direct = None
+    raw_buffer, exp_buffer = (chunks.buffer(u), chunks.buffer(u)) if kept is None else kept
+    # The last chunk first, whether its products were kept or not: the same order of summation
+    # (the same bits) in a first backward and in a repeated one (retain_graph=True).
+    last = len(chunks.bounds) - 1
+    for index in [last, *range(last)]:
+        start, stop = chunks.bounds[index]
+        rows = W[start:stop].to(dtype)
+        column = h[start:stop] * scale  # the same roundings as the forward's factors
+        raw = chunks.block(raw_buffer, batch, start, stop)
+        if kept is None or index != last:
+            torch.mm(u, rows.T, out=raw)
+        # exp(logit - M), rounded step by step as in forward (see _normaliser)
+        probs = torch.mul(raw, column, out=chunks.block(exp_buffer, batch, start, stop))
+        probs.sub_(peak[:, None]).mul_(LOG2E).exp2_()
+        if chunks.targets[index] is not None:
+            probs[chunks.targets[index]] = 0.0  # the targets' gradient flows through t instead
         if need_W or need_scale:
-            # (G^T u) of the chunk, written straight into dW's rows when the dtypes allow it.
-            into = grad_W[columns] if need_W and grad_W.dtype == dtype else None
-            direct = torch.mm(probs.T, u_weighted, out=into)
-        if need_u:
-            grad_u.addmm_(probs.mul_(column[None, :]), rows)
-        if direct is not None:
-            # dL/dc_j = sum_i G_ij (u_i . W_j) = W_j . (G^T u)_j, a row-dot in the block's buffer.
-            grad_column = _row_dots(direct, rows, walker.buffer)
+            # dL/dc_j = sum_i r_i E_ij (u_i . W_j)
+            grad_column = torch.mv(raw.mul_(probs).T, row_factor)
             if need_scale:
-                grad_scale += torch.dot(grad_column, h[columns])
-            if need_W:
-                # dW_j = c_j (G^T u)_j + (dL/dc_j) (dc_j/d|W_j|) W_j/|W_j|: the normalisation's chain rule.
-                direct.mul_(column[:, None]).addcmul_(rows, (grad_column * chain[columns]).mul_(scale)[:, None])
-                if into is None:
-                    grad_W[columns] = direct
+                grad_scale += torch.dot(grad_column, h[start:stop])
+        probs.mul_(column)  # c_j E_ij: both products below want it
+        if need_W:
+            # dW_j = c_j (G^T u)_j + (dL/dc_j) (dc_j/d|W_j|) W_j/|W_j|: the normalisation's chain rule.
+            into = grad_W[start:stop] if grad_W.dtype == dtype else None
+            direct = torch.mm(probs.T, u_weighted, out=into)
+            direct.addcmul_(rows, grad_column.mul_(chain[start:stop]).mul_(scale)[:, None])
+            if into is None:
+                grad_W[start:stop] = direct
+        if need_u:
+            grad_u.addmm_(probs, rows)
     return grad_u, grad_W, grad_scale
 
 
@@ -264,14 +280,20 @@ class _ChunkedMarginCE(torch.autograd.Function):
         scale_value = scale.detach() if isinstance(scale, torch.Tensor) else scale
         target, u = _feature_side(x, W[y], config, scale_value)
         h, chain = _norm_factors(torch.linalg.vector_norm(W, dim=1, dtype=u.dtype), config.weight_norm)
-        peak, others = _normaliser(W, u, y, target, h, scale_value, chunk_size)
+        chunks = _Chunks(W.shape[0], y, chunk_size)
+        keep_last = any(ctx.needs_input_grad[:3])
+        peak, others, kept = _normaliser(W, u, target, scale_value * h, chunks, keep_last)
         total = others + torch.exp(target - peak)
         # -log p_iy = (M_i - t_i) + log(sum_j exp(logit_ij - M_i)): the same form as log_softmax.
         loss = (peak - target) + torch.log(total)
 
-        ctx.config, ctx.chunk_size = config, chunk_size
+        ctx.config, ctx.chunks = config, chunks
         ctx.float_scale = None if isinstance(scale, torch.Tensor) else scale
-        # Only inputs and (B,)/(C,) vectors are kept: the (B, D) feature side is recomputed in backward.
+        # The last chunk's two (B, k) blocks, the first with its products, used once by the first
+        # backward; an attribute, not saved tensors, because that backward writes into them.
+        ctx.kept = kept
+        # Besides that block only inputs and (B,)/(C,) vectors are kept: the (B, D) feature side
+        # is recomputed in backward.
         saved_scale = (scale,) if isinstance(scale, torch.Tensor) else ()
         ctx.save_for_backward(x, W, y, h, chain, peak, total, others, *saved_scale)
         return loss
@@ -280,6 +302,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss):
         x, W, y, h, chain, peak, total, others, *saved_scale = ctx.saved_tensors
+        kept, ctx.kept = ctx.kept, None  # a second backward (retain_graph=True) recomputes that chunk
         scale = saved_scale[0] if saved_scale else ctx.float_scale
         scale_value = scale.detach() if saved_scale else scale
         need_x, need_W, need_scale = ctx.needs_input_grad[:3]
@@ -287,13 +310,12 @@ class _ChunkedMarginCE(torch.autograd.Function):
         with torch.autocast(device_type=W.device.type, enabled=False):
             g = grad_loss.to(peak.dtype)
             row_factor = g / total
-            with torch.no_grad():
-                _, u = _feature_side(x, W[y], config, scale_value)
+            u = _products_side(*unit_rows(x.detach().to(peak.dtype)), config)
             needs = (need_x, need_W, need_scale)
             grad_u, grad_W, grad_scale = _backward_chunks(
-                W, u, y, h, chain, peak, row_factor, scale_value, ctx.chunk_size, needs
+                W, u, ctx.chunks, h, chain, peak, row_factor, scale_value, needs, kept
             )
-            del u  # freed before the graph below rebuilds it
+            del u, kept  # freed before the graph below rebuilds it
             # The small graph of the feature side, rebuilt: the target logit's gradient
             # g_i (p_iy - 1) = -g_i (sum over the other classes) / total (no cancellation when p_iy ~ 1),
             # and du, go back through it to x, the rows W[y] and the scale.

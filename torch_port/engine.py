@@ -64,6 +64,12 @@ def check_inputs(x, W, y=None):
     return check_features_table_labels(x, W, y, "W")
 
 
+def unit_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows / max(|row|, NORM_EPS) and the norms |row| as a column, for a 2-D tensor."""
+    norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+    return rows / norms.clamp_min(NORM_EPS), norms
+
+
 class _Geometry:
     """Normalised features and weights with their norms, in the compute dtype."""
 
@@ -71,10 +77,8 @@ class _Geometry:
         dtype = compute_dtype(("x", x), ("W", W))
         self.x = x.to(dtype)
         self.W = W.to(dtype)
-        self.x_norm = torch.linalg.vector_norm(self.x, dim=1, keepdim=True)
-        self.w_norm = torch.linalg.vector_norm(self.W, dim=1, keepdim=True)
-        self.x_hat = self.x / self.x_norm.clamp_min(NORM_EPS)
-        self.w_hat = self.W / self.w_norm.clamp_min(NORM_EPS)
+        self.x_hat, self.x_norm = unit_rows(self.x)
+        self.w_hat, self.w_norm = unit_rows(self.W)
 
     def cosines(self) -> torch.Tensor:
         return self.x_hat @ self.w_hat.T
