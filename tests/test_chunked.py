@@ -29,7 +29,7 @@ import torch_port.functional as tpf
 from tests import strategies as S
 from tests.tolerances import Tol, assert_close
 from torch_port import AMSoftmax, ArcFace, CombinedMargin, CosFace, LSoftmax, NormFace, SphereFace
-from torch_port.chunked import CHUNK_BUDGET_BYTES, MIN_CHUNK, chunk_size_for
+from torch_port.chunked import CHUNK_BUDGET_BYTES, FEATURE_ROWS, MIN_CHUNK, chunk_size_for
 from torch_port.engine import MarginConfig, margin_cross_entropy
 
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -323,6 +323,20 @@ def test_products_per_step(classes, chunk, products):
     with _MatrixProducts() as probe:
         margin_cross_entropy(x, W, y, CONFIGS["arcface"](8.0), chunk_size=chunk).backward()
     assert probe.count == products
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_batches_larger_than_a_feature_block(kind):
+    """The feature side runs FEATURE_ROWS rows at a time: a batch of two full blocks and a partial
+    one, with a learnable scale (its gradient summed over the blocks), still equals the plain path."""
+    batch = 2 * FEATURE_ROWS + 3
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(batch, 4, dtype=torch.float64, generator=gen)
+    W = torch.randn(50, 4, dtype=torch.float64, generator=gen)
+    y = torch.randint(0, 50, (batch,), generator=gen)
+    cotangent = torch.linspace(0.5, 1.5, batch, dtype=torch.float64)
+    config = CONFIGS[kind](torch.tensor(4.0, dtype=torch.float64))
+    assert_paths_agree(x, W, y, config, "none", 7, cotangent)
 
 
 def test_repeated_backward_is_bit_identical():
