@@ -8,8 +8,8 @@ Compares, on the same x (B, D), W (C, D) and labels y, one forward + backward (g
   pml CosFace     (only when pytorch-metric-learning is installed; skipped otherwise)
   plain           this project's engine, chunk_size=None (the (B, C) logits at once)
   chunked         this project's engine, chunk_size=k (torch_port/chunked.py)
-  chunked products only   the four matrix products the chunked path does (x W_c^T in forward;
-                  x W_c^T, G_c^T x, G_c W_c in backward) and nothing else: its own floor
+  chunked products only   the matrix products the chunked path does (x W_c^T in forward; x W_c^T
+                  again but for the last chunk, G_c^T x, G_c W_c in backward) and nothing else
 
 Time: one process, the implementations run round-robin (one run of each per round, so a slow
 moment of the machine hits all of them), median of ``--repeats`` rounds after one warm-up round;
@@ -45,6 +45,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -76,7 +77,13 @@ def _leaf(t: torch.Tensor) -> torch.Tensor:
 
 
 class Step:
-    """One forward + backward; the gradients it leaves in ``leaves`` stay until the next call or free()."""
+    """One forward + backward, then the gradients it produced are dropped again.
+
+    Dropping them is part of the step (and of its time), as it is for the floor, whose outputs are
+    freed when its function returns: every implementation allocates and releases the memory of its
+    step inside the timed region, and none holds hundreds of MB of gradients while the others run
+    (on this VM that changed what the next allocation costs by up to 30%).
+    """
 
     def __init__(self, run: Callable[[], None], leaves=()):
         self.run, self.leaves = run, leaves
@@ -86,8 +93,8 @@ class Step:
             leaf.grad = None
 
     def __call__(self) -> None:
-        self.free()
         self.run()
+        self.free()
 
 
 def _loss_step(loss_fn: Callable, x, W, y) -> Step:
@@ -106,20 +113,24 @@ def floor_step(x, W, y) -> Step:
 
 
 def chunked_products_step(chunk_size: int):
-    """The four products of a chunked path that recomputes in backward, and nothing else: per chunk
-    x W_c^T (forward), then x W_c^T again, G_c^T x and G_c W_c (backward). The floor of that design."""
+    """The matrix products of the chunked path, and nothing else: per chunk x W_c^T (forward), then
+    x W_c^T again (except for the last chunk, whose products the path keeps), G_c^T x and G_c W_c
+    (backward): 4n - 1 products for n chunks. The floor of that design."""
 
     def build(x, W, y):
         def run():
             num_classes, batch = W.shape[0], x.shape[0]
+            starts = list(range(0, num_classes, chunk_size))
             block = torch.empty(batch * min(chunk_size, num_classes), dtype=x.dtype, device=x.device)
-            for start in range(0, num_classes, chunk_size):
+            for start in starts:
                 rows = W[start : start + chunk_size]
                 torch.mm(x, rows.T, out=block[: batch * rows.shape[0]].view(batch, -1))
             grad_W, grad_x = torch.empty_like(W), torch.zeros_like(x)
-            for start in range(0, num_classes, chunk_size):
+            for position, start in enumerate([starts[-1], *starts[:-1]]):
                 rows = W[start : start + chunk_size]
-                logits = torch.mm(x, rows.T, out=block[: batch * rows.shape[0]].view(batch, -1))
+                logits = block[: batch * rows.shape[0]].view(batch, -1)
+                if position:  # the last chunk's products are still in the block
+                    torch.mm(x, rows.T, out=logits)
                 torch.mm(logits.T, x, out=grad_W[start : start + chunk_size])
                 grad_x.addmm_(logits, rows)
 
@@ -189,11 +200,20 @@ def _sync(device):
 # ---- time ---------------------------------------------------------------------------------------------
 
 
-def time_round_robin(steps: dict[str, Callable], device, repeats: int) -> dict[str, float]:
-    """Median seconds per step; each round runs every implementation once, after one warm-up round."""
+def time_round_robin(steps: dict[str, Callable], device, repeats: int, seed: int = 0) -> dict[str, float]:
+    """Median seconds per step; each round runs every implementation once, after one warm-up round.
+
+    The order within a round is shuffled (seeded): what runs just before an implementation changes
+    its time (a neighbour that freed 1 GB makes the next allocations fault in fresh pages), and a
+    fixed order would hand that cost to the same implementation every round.
+    """
     runs = {name: [] for name in steps}
+    order = random.Random(seed)
     for round_index in range(repeats + 1):
-        for name, step in steps.items():
+        names = list(steps)
+        order.shuffle(names)
+        for name in names:
+            step = steps[name]
             if runs[name] is None:
                 continue  # ran out of memory before
             _sync(device)
@@ -232,7 +252,6 @@ def child_measure_memory(impl: str, batch: int, dim: int, num_classes: int, chun
     steps = implementations(batch, num_classes, chunk_size, "cpu")
     step = steps[next(name for name in steps if name.split(" (")[0] == impl)](x, W, y)
     step()  # warm-up: one-time allocations (thread pools, BLAS buffers) are not the loss's
-    step.free()
     gc.collect()
     _release_freed_heap()
     with open("/proc/self/clear_refs", "w") as refs:
@@ -256,7 +275,6 @@ def measure_memory_cpu(impl: str, batch, dim, num_classes, chunk_size) -> float:
 def measure_memory_cuda(step: Step, device) -> float:
     step()
     _sync(device)
-    step.free()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
