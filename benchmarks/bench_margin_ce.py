@@ -15,6 +15,12 @@ Time: one process, the implementations run round-robin (one run of each per roun
 moment of the machine hits all of them), median of ``--repeats`` rounds after one warm-up round;
 reported in ms and as a ratio to the matmul floor.
 
+Alone (``--alone``, CPU): each implementation also runs round-robin with the floor only, in a
+fresh child interpreter, and that ratio is reported beside the first. In the shared round-robin
+the big implementations allocate and free gigabytes between the others' steps, and on the VM this
+was measured on, that alone moved the chunked path's ratio by up to 15%; the pair is what a
+training loop with only that loss in its process sees.
+
 Memory: on CPU each (implementation, shape) runs in a fresh child interpreter: it builds the
 inputs, runs one warm-up step, frees its gradients and returns freed heap to the OS (malloc_trim),
 resets the kernel's peak-RSS mark (/proc/self/clear_refs), then runs one measured step.
@@ -27,7 +33,9 @@ Usage:
     python benchmarks/bench_margin_ce.py                       # the grid of this machine (CPU, or CUDA)
     python benchmarks/bench_margin_ce.py --quick               # one small shape: does it run?
     python benchmarks/bench_margin_ce.py --plot out.png --json out.json
+    python benchmarks/bench_margin_ce.py --alone                # and each one against the floor alone
     python benchmarks/bench_margin_ce.py --from-json out.json --plot out.png   # redraw only
+    python benchmarks/bench_margin_ce.py --from-json a.json b.json --plot out.png   # several runs
     python benchmarks/bench_margin_ce.py --shape 256 512 100000 --only chunked --chunk-size 2048 --no-memory
 
 CPU grid: B = 256, D in {128, 512}, C in {1e4, 3e4, 1e5}, float32. CUDA grid: bf16 inputs,
@@ -261,15 +269,38 @@ def child_measure_memory(impl: str, batch: int, dim: int, num_classes: int, chun
     return (_status_kib("VmHWM") - before) * 1024
 
 
-def measure_memory_cpu(impl: str, batch, dim, num_classes, chunk_size) -> float:
-    command = [sys.executable, __file__, "--child-memory", impl, str(batch), str(dim), str(num_classes)]
-    command += [str(chunk_size or 0)]
+def child_measure_pair(impl: str, batch: int, dim: int, num_classes: int, chunk_size, repeats: int) -> dict:
+    """Runs in a fresh interpreter: the implementation and the floor alone, round-robin."""
+    x, W, y = make_inputs(batch, dim, num_classes, torch.device("cpu"), torch.float32)
+    steps = implementations(batch, num_classes, chunk_size, "cpu")
+    name = next(name for name in steps if name.split(" (")[0] == impl)
+    pair = {"matmul floor": steps["matmul floor"](x, W, y), name: steps[name](x, W, y)}
+    times = time_round_robin(pair, torch.device("cpu"), repeats)
+    return {"floor": times["matmul floor"], "impl": times[name]}
+
+
+def _run_child(flag: str, impl: str, batch, dim, num_classes, chunk_size, *extra) -> str | None:
+    command = [sys.executable, __file__, flag, impl, str(batch), str(dim), str(num_classes), str(chunk_size or 0)]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    done = subprocess.run([*command, *map(str, extra)], capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
-        print(f"  memory child for {impl} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+        print(f"  {flag} child for {impl} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return done.stdout.strip().splitlines()[-1]
+
+
+def measure_pair_cpu(impl: str, batch, dim, num_classes, chunk_size, repeats) -> float:
+    """time / floor with nothing else in the process (a fresh child runs the two round-robin)."""
+    out = _run_child("--child-pair", impl, batch, dim, num_classes, chunk_size, repeats)
+    if out is None:
         return math.nan
-    return float(done.stdout.strip().splitlines()[-1])
+    times = json.loads(out)
+    return times["impl"] / times["floor"]
+
+
+def measure_memory_cpu(impl: str, batch, dim, num_classes, chunk_size) -> float:
+    out = _run_child("--child-memory", impl, batch, dim, num_classes, chunk_size)
+    return math.nan if out is None else float(out)
 
 
 def measure_memory_cuda(step: Step, device) -> float:
@@ -289,7 +320,7 @@ def measure_memory_cuda(step: Step, device) -> float:
 # ---- the run ------------------------------------------------------------------------------------------
 
 
-def run(grid, device, dtype, repeats, chunk_size, only=None, memory=True) -> list[dict]:
+def run(grid, device, dtype, repeats, chunk_size, only=None, memory=True, alone=False) -> list[dict]:
     rows = []
     for batch, dim, num_classes in grid:
         x, W, y = make_inputs(batch, dim, num_classes, device, dtype)
@@ -312,6 +343,9 @@ def run(grid, device, dtype, repeats, chunk_size, only=None, memory=True) -> lis
                 extra = measure_memory_cuda(steps[name], device) if steps[name] else math.nan
             else:
                 extra = measure_memory_cpu(name.split(" (")[0], batch, dim, num_classes, chunk_size)
+            alone_ratio = math.nan
+            if alone and device.type == "cpu" and name != "matmul floor":
+                alone_ratio = measure_pair_cpu(name.split(" (")[0], batch, dim, num_classes, chunk_size, repeats)
             rows.append(
                 dict(
                     B=batch,
@@ -320,6 +354,7 @@ def run(grid, device, dtype, repeats, chunk_size, only=None, memory=True) -> lis
                     impl=name,
                     seconds=times.get(name, math.nan),
                     extra_bytes=extra,
+                    alone_ratio=1.0 if name == "matmul floor" and alone else alone_ratio,
                     unit_bytes=unit,
                     grad_bytes=grads,
                 )
@@ -331,7 +366,8 @@ def run(grid, device, dtype, repeats, chunk_size, only=None, memory=True) -> lis
             row["mem_work"] = (row["extra_bytes"] - grads) / unit
             print(
                 f"B={batch:5d} D={dim:4d} C={num_classes:8d}  {row['impl']:22s} {1e3 * row['seconds']:9.1f} ms "
-                f"x{row['time_ratio']:5.2f}   mem all {row['mem_all']:6.2f}  work {row['mem_work']:6.3f}",
+                f"x{row['time_ratio']:5.2f} (alone x{row['alone_ratio']:5.2f})   mem all {row['mem_all']:6.2f}  "
+                f"work {row['mem_work']:6.3f}",
                 flush=True,
             )
         del x, W, y, steps, runnable
@@ -356,8 +392,9 @@ def machine_description(device) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     lines = [
-        "| B | D | C | implementation | time (ms) | time / floor | extra memory / (B*C*4): all | work |",
-        "|---:|---:|---:|---|---:|---:|---:|---:|",
+        "| B | D | C | implementation | time (ms) | time / floor | alone: time / floor "
+        "| extra memory / (B*C*4): all | work |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
 
@@ -366,12 +403,19 @@ def markdown_table(rows: list[dict]) -> str:
 
         lines.append(
             f"| {r['B']} | {r['D']} | {r['C']:,} | {r['impl']} | {fmt(1e3 * r['seconds'], '.1f')} | "
-            f"{fmt(r['time_ratio'], '.2f')} | {fmt(r['mem_all'], '.2f')} | {fmt(r['mem_work'], '.3f')} |"
+            f"{fmt(r['time_ratio'], '.2f')} | {fmt(r.get('alone_ratio', math.nan), '.2f')} | "
+            f"{fmt(r['mem_all'], '.2f')} | {fmt(r['mem_work'], '.3f')} |"
         )
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: str, title: str) -> None:
+def _finite(values):
+    return [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+
+
+def plot(runs: list[list[dict]], path: str, title: str) -> None:
+    """Time / floor and memory against C, one column per D; with several runs (``--from-json`` of
+    several files) each point is the median over the runs and the bar spans their min and max."""
     try:
         import matplotlib
     except ImportError:
@@ -380,24 +424,36 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for run_rows in runs for r in run_rows]
     dims = sorted({r["D"] for r in rows})
     impls = list(dict.fromkeys(r["impl"].split(" (")[0] for r in rows))
     fig, axes = plt.subplots(2, len(dims), figsize=(5.5 * len(dims), 8), squeeze=False)
+
+    def line(ax, xs, groups, **style):
+        mid = [statistics.median(g) if g else math.nan for g in groups]
+        low = [m - min(g) if g else 0.0 for m, g in zip(mid, groups)]
+        high = [max(g) - m if g else 0.0 for m, g in zip(mid, groups)]
+        ax.errorbar(xs, mid, yerr=[low, high], marker="o", capsize=3, **style)
+
     for col, dim in enumerate(dims):
         for impl in impls:
             mine = [r for r in rows if r["D"] == dim and r["impl"].split(" (")[0] == impl]
-            mine.sort(key=lambda r: (r["B"], r["C"]))
-            xs = [r["C"] for r in mine]
-            axes[0][col].plot(xs, [r["time_ratio"] for r in mine], marker="o", label=impl)
-            axes[1][col].plot(xs, [max(r["mem_work"], 1e-3) for r in mine], marker="o", label=impl)
+            xs = sorted({r["C"] for r in mine})
+            by_c = [[r for r in mine if r["C"] == c] for c in xs]
+            line(axes[0][col], xs, [_finite(r["time_ratio"] for r in g) for g in by_c], label=impl)
+            alone = [_finite(r.get("alone_ratio", math.nan) for r in g) for g in by_c]
+            if impl == "chunked" and any(alone):
+                line(axes[0][col], xs, alone, linestyle="--", label="chunked, alone with the floor")
+            memory = [[max(v, 1e-3) for v in _finite(r["mem_work"] for r in g)] for g in by_c]
+            line(axes[1][col], xs, memory, label=impl)
         axes[0][col].set(xscale="log", ylabel="time / matmul floor", title=f"D = {dim}", xlabel="classes C")
         axes[0][col].axhline(1.3, color="grey", linestyle=":", linewidth=1, label="target of the chunked path")
         axes[1][col].set(
             xscale="log", yscale="log", xlabel="classes C", ylabel="extra memory beyond gradients / (B*C*4)"
         )
         axes[1][col].axhline(0.1, color="grey", linestyle=":", linewidth=1, label="target of the chunked path")
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -416,9 +472,23 @@ def main(argv=None) -> None:
     parser.add_argument("--no-tf32", action="store_true")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--plot", help="draw the figure here (PNG)")
-    parser.add_argument("--from-json", help="read rows from a previous --json instead of running")
+    parser.add_argument(
+        "--from-json", nargs="+", help="read rows from previous --json files instead of running (several: runs)"
+    )
+    parser.add_argument(
+        "--alone",
+        action="store_true",
+        help="CPU: also time each implementation against the floor in a fresh process with nothing else",
+    )
     parser.add_argument("--child-memory", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--child-pair", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+
+    if args.child_pair:
+        impl, batch, dim, classes, chunk, repeats = args.child_pair
+        times = child_measure_pair(impl, int(batch), int(dim), int(classes), int(chunk) or None, int(repeats))
+        print(json.dumps(times))
+        return
 
     if args.child_memory:
         impl, batch, dim, classes, chunk = args.child_memory
@@ -426,9 +496,13 @@ def main(argv=None) -> None:
         return
 
     if args.from_json:
-        with open(args.from_json) as f:
-            saved = json.load(f)
-        rows, title = saved["rows"], saved["title"]
+        runs, titles = [], []
+        for path in args.from_json:
+            with open(path) as f:
+                saved = json.load(f)
+            runs.append(saved["rows"])
+            titles.append(saved["title"])
+        title = titles[0] if len(titles) == 1 else f"{len(titles)} runs; first: {titles[0]}"
     else:
         device = torch.device(args.device)
         if device.type == "cuda":
@@ -442,15 +516,18 @@ def main(argv=None) -> None:
             grid = [tuple(shape) for shape in args.shape]
         print(f"pytorch-metric-learning: {'installed' if pml_losses else 'not installed, skipped'}")
         started = time.time()
-        rows = run(grid, device, dtype, args.repeats, args.chunk_size or None, args.only, not args.no_memory)
+        rows = run(
+            grid, device, dtype, args.repeats, args.chunk_size or None, args.only, not args.no_memory, args.alone
+        )
         title = f"{machine_description(device)}; {dtype}; {time.time() - started:.0f} s"
         print(title)
         print(markdown_table(rows))
+        runs = [rows]
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"rows": rows, "title": title}, f, indent=1)
     if args.plot:
-        plot(rows, args.plot, title)
+        plot(runs, args.plot, title)
 
 
 if __name__ == "__main__":

@@ -40,11 +40,12 @@ from refimpl._validate import check_positive, check_positive_int
 from torch_port._checks import compute_dtype
 from torch_port.engine import NORM_EPS, MarginConfig, _Geometry, _target_logits, unit_rows
 
-# The memory one chunk's (B, k) block may take, by device. CPU: 1 MiB keeps the block in the
-# per-core L2 cache while it is exponentiated and fed to the next product (k = 1024 at B = 256; on
-# the project's 2-core CPU k from 512 to 2048 ran within 2% of each other, and larger chunks got
-# slower, see benchmarks/RESULTS.md). GPU: 256 MiB, so that a step is a few dozen chunks of large
-# products rather than thousands of small kernel launches (k = 16384 at B = 4096).
+# The memory one chunk's (B, k) block may take, by device; the path works on two such blocks (the
+# products and their exponentials). CPU: 1 MiB, about the L2 cache of a core, so that a block is
+# still in cache when it is exponentiated and fed to the next product (k = 1024 at B = 256; on the
+# project's 2-core CPU k from 384 to 1024 ran within 2% of each other, 2048 and more got slower,
+# see benchmarks/RESULTS.md). GPU: 256 MiB, so that a step is a few dozen chunks of large products
+# rather than thousands of small kernel launches (k = 16384 at B = 4096).
 CHUNK_BUDGET_BYTES = {"cpu": 2**20, "cuda": 256 * 2**20}
 LOG2E = 1.0 / math.log(2.0)
 MIN_CHUNK = 128
@@ -56,9 +57,10 @@ def chunk_size_for(batch_size: int, num_classes: int, device="cpu", budget_bytes
 
     .. math:: k = \min\Big(C, \max\big(128, \lfloor \mathrm{budget} / (4 B) \rfloor\big)\Big)
 
-    Besides that block, a chunk uses (k, D) numbers only when W is float16/bfloat16 (its rows are
-    upcast one chunk at a time); everything else the path keeps is (B, D) or (C,) sized, plus the
-    gradient dW itself.
+    The path works on two such blocks (a chunk's products and their exponentials; the last chunk's
+    pair is kept from forward to backward). Besides them, a chunk uses (k, D) numbers only when W
+    is float16/bfloat16 (its rows are upcast one chunk at a time); everything else the path keeps
+    is (64, D), (B, D) or (C,) sized, plus the gradient dW itself.
 
     Args:
         batch_size: B >= 1.
