@@ -29,7 +29,7 @@ import torch_port.functional as tpf
 from tests import strategies as S
 from tests.tolerances import Tol, assert_close
 from torch_port import AMSoftmax, ArcFace, CombinedMargin, CosFace, LSoftmax, NormFace, SphereFace
-from torch_port.chunked import CHUNK_BUDGET_BYTES, FEATURE_ROWS, MIN_CHUNK, chunk_size_for
+from torch_port.chunked import CHUNK_BUDGET_BYTES, FEATURE_BLOCK_BYTES, MIN_CHUNK, chunk_size_for
 from torch_port.engine import MarginConfig, margin_cross_entropy
 
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -327,12 +327,13 @@ def test_products_per_step(classes, chunk, products):
 
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
 def test_batches_larger_than_a_feature_block(kind):
-    """The feature side runs FEATURE_ROWS rows at a time: a batch of two full blocks and a partial
-    one, with a learnable scale (its gradient summed over the blocks), still equals the plain path."""
-    batch = 2 * FEATURE_ROWS + 3
+    """The feature side runs blocks of rows (FEATURE_BLOCK_BYTES): a batch of two full blocks and a
+    partial one, with a learnable scale (its gradient summed over the blocks), equals the plain path."""
+    dim = 4
+    batch = 2 * (FEATURE_BLOCK_BYTES["cpu"] // (4 * dim)) + 3
     gen = torch.Generator().manual_seed(8)
-    x = torch.randn(batch, 4, dtype=torch.float64, generator=gen)
-    W = torch.randn(50, 4, dtype=torch.float64, generator=gen)
+    x = torch.randn(batch, dim, dtype=torch.float64, generator=gen)
+    W = torch.randn(50, dim, dtype=torch.float64, generator=gen)
     y = torch.randint(0, 50, (batch,), generator=gen)
     cotangent = torch.linspace(0.5, 1.5, batch, dtype=torch.float64)
     config = CONFIGS[kind](torch.tensor(4.0, dtype=torch.float64))

@@ -49,7 +49,8 @@ from torch_port.engine import NORM_EPS, MarginConfig, _Geometry, _target_logits,
 CHUNK_BUDGET_BYTES = {"cpu": 2**20, "cuda": 256 * 2**20}
 LOG2E = 1.0 / math.log(2.0)
 MIN_CHUNK = 128
-FEATURE_ROWS = 64
+# The bytes one (rows, D) float32 block of the feature side may take, by device (see _row_blocks).
+FEATURE_BLOCK_BYTES = {"cpu": 2**17, "cuda": 2**26}
 
 
 def chunk_size_for(batch_size: int, num_classes: int, device="cpu", budget_bytes: float | None = None) -> int:
@@ -182,18 +183,23 @@ def _products_side(x_hat, x_norm, config: MarginConfig):
     return x_hat * x_norm if config.feature_norm else x_hat
 
 
-def _row_blocks(batch: int) -> list[slice]:
-    """The feature side runs FEATURE_ROWS rows of the batch at a time: its handful of (B, D)
+def _row_blocks(x: torch.Tensor) -> list[slice]:
+    """The feature side runs a block of rows of the batch at a time: its handful of (B, D)
     temporaries (the rows W[y], unit vectors, their sum and difference, the graph rebuilt in
-    backward) then hold FEATURE_ROWS x D numbers each. At B = 256, D = 512, C = 1e5 that took the
-    path's peak RSS beyond the gradients from about 9% to about 5% of B*C*4."""
-    return [slice(first, min(first + FEATURE_ROWS, batch)) for first in range(0, batch, FEATURE_ROWS)]
+    backward) then hold at most FEATURE_BLOCK_BYTES each (128 KiB on CPU: 64 rows at D = 512, 256
+    at D = 128). At B = 256, D = 512, C = 1e5 that took the path's peak RSS beyond the gradients
+    from about 9% to about 5% of B*C*4; each block costs some small operations (0.2 ms per block
+    on the project's CPU), hence bytes rather than a fixed row count. On a GPU the budget is 64 MiB
+    (one block for most batches: kernel launches, not bytes, are what a GPU runs short of)."""
+    budget = FEATURE_BLOCK_BYTES["cpu" if x.device.type == "cpu" else "cuda"]
+    batch, rows = x.shape[0], max(1, budget // (4 * x.shape[1]))
+    return [slice(first, min(first + rows, batch)) for first in range(0, batch, rows)]
 
 
 def _targets_and_features(x, W, y, config: MarginConfig, scale, dtype):
     """Forward, no graph: the target logits t (B,) and the features u (B, D), row block by row block."""
     target, u = x.new_empty(x.shape[0], dtype=dtype), x.new_empty(x.shape, dtype=dtype)
-    for rows in _row_blocks(x.shape[0]):
+    for rows in _row_blocks(x):
         target[rows], u[rows] = _feature_side(x[rows], W[y[rows]], config, scale)
     return target, u
 
@@ -345,7 +351,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
                 grad_u.mul_(row_factor[:, None])
             grad_x = torch.empty_like(x) if need_x else None
             scale_leaf = scale.detach().requires_grad_(need_scale) if saved_scale else scale
-            for rows in _row_blocks(x.shape[0]):
+            for rows in _row_blocks(x):
                 with torch.enable_grad():
                     x_leaf = x[rows].detach().requires_grad_(need_x)
                     w_target = W.detach()[y[rows]].requires_grad_(need_W)
