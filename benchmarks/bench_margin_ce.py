@@ -435,17 +435,20 @@ def plot(runs: list[list[dict]], path: str, title: str) -> None:
         high = [max(g) - m if g else 0.0 for m, g in zip(mid, groups)]
         ax.errorbar(xs, mid, yerr=[low, high], marker="o", capsize=3, **style)
 
+    colors = {impl: f"C{index}" for index, impl in enumerate(impls)}  # the same in every panel
     for col, dim in enumerate(dims):
         for impl in impls:
             mine = [r for r in rows if r["D"] == dim and r["impl"].split(" (")[0] == impl]
             xs = sorted({r["C"] for r in mine})
             by_c = [[r for r in mine if r["C"] == c] for c in xs]
-            line(axes[0][col], xs, [_finite(r["time_ratio"] for r in g) for g in by_c], label=impl)
+            style = dict(color=colors[impl], label=impl)
+            line(axes[0][col], xs, [_finite(r["time_ratio"] for r in g) for g in by_c], **style)
             alone = [_finite(r.get("alone_ratio", math.nan) for r in g) for g in by_c]
             if impl == "chunked" and any(alone):
-                line(axes[0][col], xs, alone, linestyle="--", label="chunked, alone with the floor")
+                alone_style = dict(color=colors[impl], linestyle="--", label="chunked, alone with the floor")
+                line(axes[0][col], xs, alone, **alone_style)
             memory = [[max(v, 1e-3) for v in _finite(r["mem_work"] for r in g)] for g in by_c]
-            line(axes[1][col], xs, memory, label=impl)
+            line(axes[1][col], xs, memory, **style)
         axes[0][col].set(xscale="log", ylabel="time / matmul floor", title=f"D = {dim}", xlabel="classes C")
         axes[0][col].axhline(1.3, color="grey", linestyle=":", linewidth=1, label="target of the chunked path")
         axes[1][col].set(
