@@ -280,14 +280,18 @@ def test_autocast_is_disabled_inside(autocast_dtype):
 # ---- memory: no (B, C) tensor, inputs untouched ----------------------------------------------------
 
 
-class _LargestOutput(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an aten op produces."""
+class _Probe(TorchDispatchMode):
+    """Records, over the aten ops that run, the largest number of elements of any tensor one
+    produces and how many matrix-matrix products (mm and addmm, any overload) there were."""
 
     def __init__(self):
         super().__init__()
         self.largest = 0
+        self.products = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            self.products += 1
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, tuple | list) else (out,):
             if isinstance(t, torch.Tensor):
@@ -308,25 +312,12 @@ def test_no_batch_by_class_tensor_is_produced(kind, learnable):
     config = CONFIGS[kind](scale)
     for chunk_size, limit in ((chunk, max(classes * dim, batch * chunk)), (None, None)):
         xs, Ws = x.clone().requires_grad_(), W.clone().requires_grad_()
-        with _LargestOutput() as probe:
+        with _Probe() as probe:
             margin_cross_entropy(xs, Ws, y, config, "mean", chunk_size=chunk_size).backward()
         if limit is None:
             assert probe.largest >= batch * classes  # the probe sees the plain path's logits
         else:
             assert probe.largest <= limit < batch * classes
-
-
-class _MatrixProducts(TorchDispatchMode):
-    """Counts the aten matrix-matrix products (mm and addmm, any overload) that run."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize(
@@ -341,9 +332,9 @@ def test_products_per_step(classes, chunk, products):
     x, W = torch.randn(4, 3, generator=gen, requires_grad=True), torch.randn(classes, 3, generator=gen)
     W.requires_grad_()
     y = torch.tensor([0, 9, 4, 4])
-    with _MatrixProducts() as probe:
+    with _Probe() as probe:
         margin_cross_entropy(x, W, y, CONFIGS["arcface"](8.0), chunk_size=chunk).backward()
-    assert probe.count == products
+    assert probe.products == products
 
 
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
