@@ -319,8 +319,8 @@ class _ChunkedMarginCE(torch.autograd.Function):
         # The last chunk's two (B, k) blocks, the first with its products, used once by the first
         # backward; an attribute, not saved tensors, because that backward writes into them.
         ctx.kept = kept
-        # Besides that block only inputs and (B,)/(C,) vectors are kept: the (B, D) feature side
-        # is recomputed in backward.
+        # Besides those two blocks only inputs and (B,)/(C,) vectors are kept: the (B, D) feature
+        # side is recomputed in backward.
         saved_scale = (scale,) if isinstance(scale, torch.Tensor) else ()
         ctx.save_for_backward(x, W, y, h, chain, peak, total, others, *saved_scale)
         return loss
