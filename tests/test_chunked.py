@@ -23,10 +23,10 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_port.functional as tpf
 from tests import strategies as S
+from tests.dispatch_probe import OpProbe
 from tests.tolerances import Tol, assert_close
 from torch_port import AMSoftmax, ArcFace, CombinedMargin, CosFace, LSoftmax, NormFace, SphereFace
 from torch_port.chunked import CHUNK_BUDGET_BYTES, FEATURE_BLOCK_BYTES, MIN_CHUNK, chunk_size_for
@@ -280,25 +280,6 @@ def test_autocast_is_disabled_inside(autocast_dtype):
 # ---- memory: no (B, C) tensor, inputs untouched ----------------------------------------------------
 
 
-class _Probe(TorchDispatchMode):
-    """Records, over the aten ops that run, the largest number of elements of any tensor one
-    produces and how many matrix-matrix products (mm and addmm, any overload) there were."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-        self.products = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
-            self.products += 1
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, tuple | list) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("learnable", [False, True])
 @pytest.mark.parametrize("kind", ["arcface", "lsoftmax-like"])
 def test_no_batch_by_class_tensor_is_produced(kind, learnable):
@@ -312,7 +293,7 @@ def test_no_batch_by_class_tensor_is_produced(kind, learnable):
     config = CONFIGS[kind](scale)
     for chunk_size, limit in ((chunk, max(classes * dim, batch * chunk)), (None, None)):
         xs, Ws = x.clone().requires_grad_(), W.clone().requires_grad_()
-        with _Probe() as probe:
+        with OpProbe() as probe:
             margin_cross_entropy(xs, Ws, y, config, "mean", chunk_size=chunk_size).backward()
         if limit is None:
             assert probe.largest >= batch * classes  # the probe sees the plain path's logits
@@ -332,7 +313,7 @@ def test_products_per_step(classes, chunk, products):
     x, W = torch.randn(4, 3, generator=gen, requires_grad=True), torch.randn(classes, 3, generator=gen)
     W.requires_grad_()
     y = torch.tensor([0, 9, 4, 4])
-    with _Probe() as probe:
+    with OpProbe() as probe:
         margin_cross_entropy(x, W, y, CONFIGS["arcface"](8.0), chunk_size=chunk).backward()
     assert probe.products == products
 
