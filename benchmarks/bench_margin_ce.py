@@ -23,7 +23,9 @@ training loop with only that loss in its process sees.
 
 Memory: on CPU each (implementation, shape) runs in a fresh child interpreter: it builds the
 inputs, runs one warm-up step, frees its gradients and returns freed heap to the OS (malloc_trim),
-resets the kernel's peak-RSS mark (/proc/self/clear_refs), then runs one measured step.
+resets the kernel's peak-RSS mark (/proc/self/clear_refs), then runs one measured step; glibc's
+mmap threshold is fixed at 64 KiB there (MALLOC_MMAP_THRESHOLD_), so that freed tensors leave RSS
+and the peak counts live tensors rather than heap fragmentation (see MEMORY_CHILD_ENV).
 extra = peak RSS - RSS before that step. On CUDA: torch.cuda.max_memory_allocated() - allocated
 before the step, in this process. Reported as extra / (B*C*4 bytes), in two forms: "all" counts
 everything; "work" subtracts the gradients the step must return (dx: B*D, dW: C*D, in the inputs'
@@ -279,9 +281,9 @@ def child_measure_pair(impl: str, batch: int, dim: int, num_classes: int, chunk_
     return {"floor": times["matmul floor"], "impl": times[name]}
 
 
-def _run_child(flag: str, impl: str, batch, dim, num_classes, chunk_size, *extra) -> str | None:
+def _run_child(flag: str, impl: str, batch, dim, num_classes, chunk_size, *extra, env=None) -> str | None:
     command = [sys.executable, __file__, flag, impl, str(batch), str(dim), str(num_classes), str(chunk_size or 0)]
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", **(env or {}))
     done = subprocess.run([*command, *map(str, extra)], capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         print(f"  {flag} child for {impl} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
@@ -298,8 +300,18 @@ def measure_pair_cpu(impl: str, batch, dim, num_classes, chunk_size, repeats) ->
     return times["impl"] / times["floor"]
 
 
+# glibc serves allocations above its mmap threshold with their own pages, which go back to the OS
+# on free, and smaller ones from the heap, whose freed holes stay resident. By default the threshold
+# follows the largest block freed so far (up to 32 MiB): after a warm-up step has freed its
+# gradients, the measured step's (B, D) and (B, k) temporaries and even a (C, D) gradient of 20 MB
+# land on the heap, and the peak RSS then counts fragmentation, not tensors (measured at B = 256,
+# D = 512, C = 1e4: naive 177 MB with the moving threshold, 103 MB with a fixed one). A fixed
+# 64 KiB threshold makes the peak RSS follow the live tensors of every implementation alike.
+MEMORY_CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+
+
 def measure_memory_cpu(impl: str, batch, dim, num_classes, chunk_size) -> float:
-    out = _run_child("--child-memory", impl, batch, dim, num_classes, chunk_size)
+    out = _run_child("--child-memory", impl, batch, dim, num_classes, chunk_size, env=MEMORY_CHILD_ENV)
     return math.nan if out is None else float(out)
 
 
@@ -437,6 +449,9 @@ def plot(runs: list[list[dict]], path: str, title: str) -> None:
 
     colors = {impl: f"C{index}" for index, impl in enumerate(impls)}  # the same in every panel
     for col, dim in enumerate(dims):
+        if not _finite(r["mem_work"] for r in rows if r["D"] == dim):  # a --no-memory run
+            axes[1][col].text(0.5, 0.5, "memory not measured", transform=axes[1][col].transAxes, ha="center")
+            axes[1][col].set_ylim(1e-3, 1e2)
         for impl in impls:
             mine = [r for r in rows if r["D"] == dim and r["impl"].split(" (")[0] == impl]
             xs = sorted({r["C"] for r in mine})
