@@ -246,7 +246,7 @@ def _normaliser(W, u, target, column, chunks: _Chunks, keep_last: bool):
     return peak, sums.mul_(maxima.sub_(peak).exp_()).sum(dim=0), kept
 
 
-def _backward_chunks(W, u, chunks: _Chunks, h, chain, peak, row_factor, scale, needs, kept):
+def _backward_chunks(W, u, chunks: _Chunks, h, chain, peak, row_factor, scale, needs, kept, grad_u):
     """du (before the row factor), dW (without the targets' own share) and dL/ds over the chunks.
 
     G_ij = g_i p_ij = (g_i / total_i) exp(logit_ij - M_i), logit_ij = c_j (u_i . W_j). The row factor
@@ -256,12 +256,14 @@ def _backward_chunks(W, u, chunks: _Chunks, h, chain, peak, row_factor, scale, n
     dL/dc_j = sum_i G_ij (u_i . W_j), one pass over the pair and a matrix-vector product; that is
     cheaper than the row dots W_j . (G^T u)_j on the (k, D) side, twice the size at D = 2B.
     The forward's last chunk goes first: with ``kept`` (the forward's two buffers, the first holding
-    that chunk's products) it is not recomputed.
+    that chunk's products) it is not recomputed. ``grad_u`` is a zeroed (B, D) buffer the products
+    G W accumulate into (None when du is not needed); the caller may hand in the storage of the x
+    gradient itself, one (B, D) temporary fewer.
     """
     need_u, need_W, need_scale = needs
     batch, dtype = u.shape[0], u.dtype
     u_weighted = u * row_factor[:, None] if need_W else None
-    grad_u = torch.zeros_like(u) if need_u else None
+    neg_peak = peak.neg()[:, None]
     grad_W = torch.empty_like(W) if need_W else None
     grad_scale = torch.zeros((), dtype=dtype, device=W.device)
     raw_buffer, exp_buffer = (chunks.buffer(u), chunks.buffer(u)) if kept is None else kept
@@ -275,9 +277,10 @@ def _backward_chunks(W, u, chunks: _Chunks, h, chain, peak, row_factor, scale, n
         raw = chunks.block(raw_buffer, batch, start, stop)
         if kept is None or index != last:
             torch.mm(u, rows.T, out=raw)
-        # exp(logit - M), rounded step by step as in forward (see _normaliser)
-        probs = torch.mul(raw, column, out=chunks.block(exp_buffer, batch, start, stop))
-        probs.sub_(peak[:, None]).mul_(LOG2E).exp2_()
+        # exp(logit - M) as in forward (see _normaliser): logit - M in one pass, -M + raw * c_j, since M
+        # is known here; rounded as forward's two steps were (or once, where the CPU fuses them)
+        probs = torch.addcmul(neg_peak, raw, column, out=chunks.block(exp_buffer, batch, start, stop))
+        probs.mul_(LOG2E).exp2_()
         if chunks.targets[index] is not None:
             probs[chunks.targets[index]] = 0.0  # the targets' gradient flows through t instead
         if need_W or need_scale:
@@ -295,7 +298,7 @@ def _backward_chunks(W, u, chunks: _Chunks, h, chain, peak, row_factor, scale, n
                 grad_W[start:stop] = direct
         if need_u:
             grad_u.addmm_(probs, rows)
-    return grad_u, grad_W, grad_scale
+    return grad_W, grad_scale
 
 
 class _ChunkedMarginCE(torch.autograd.Function):
@@ -339,17 +342,21 @@ class _ChunkedMarginCE(torch.autograd.Function):
             row_factor = g / total
             u = _products_side(*unit_rows(x.detach().to(peak.dtype)), config)
             needs = (need_x, need_W, need_scale)
-            grad_u, grad_W, grad_scale = _backward_chunks(
-                W, u, ctx.chunks, h, chain, peak, row_factor, scale_value, needs, kept
+            # du accumulates in the storage dx will be returned in, when the dtypes agree: block by
+            # block below, a block's rows of du are read (as the cotangent) before dx overwrites them.
+            grad_u = torch.zeros_like(u) if need_x else None
+            grad_W, grad_scale = _backward_chunks(
+                W, u, ctx.chunks, h, chain, peak, row_factor, scale_value, needs, kept, grad_u
             )
             del u, kept  # freed before the graph below rebuilds it
             # The small graph of the feature side, rebuilt row block by row block: the target logit's
             # gradient g_i (p_iy - 1) = -g_i (sum over the other classes) / total (no cancellation
             # when p_iy ~ 1), and du, go back through it to x, the rows W[y] and the scale.
             target_cotangent = -g * others / total
+            grad_x = None
             if need_x:
                 grad_u.mul_(row_factor[:, None])
-            grad_x = torch.empty_like(x) if need_x else None
+                grad_x = grad_u if grad_u.dtype == x.dtype else torch.empty_like(x)
             scale_leaf = scale.detach().requires_grad_(need_scale) if saved_scale else scale
             for rows in _row_blocks(x):
                 with torch.enable_grad():
