@@ -48,11 +48,6 @@ from torch_port.engine import NORM_EPS, MarginConfig, _Geometry, _target_logits,
 # GPU: 256 MiB, so that a step is a few dozen chunks of large products rather than thousands of
 # small kernel launches (k = 16384 at B = 4096).
 CHUNK_BUDGET_BYTES = {"cpu": 2**19, "cuda": 256 * 2**20}
-# And at least 40 chunks (k <= C / 40): the two (B, k) blocks then hold at most 5% of the B*C
-# numbers the plain path keeps, whatever the budget (it binds below C = 20480 at B = 256 on CPU,
-# C = 655360 at B = 4096 on CUDA). The path exists to save memory; at C = 1e4 a fixed 512-class
-# block pair alone would be 10% of B*C*4.
-MIN_CHUNKS = 40
 LOG2E = 1.0 / math.log(2.0)
 MIN_CHUNK = 128
 # The bytes one (rows, D) float32 block of the feature side may take, by device (see _row_blocks).
@@ -60,17 +55,17 @@ FEATURE_BLOCK_BYTES = {"cpu": 2**17, "cuda": 2**26}
 
 
 def chunk_size_for(batch_size: int, num_classes: int, device="cpu", budget_bytes: float | None = None) -> int:
-    r"""A class-chunk size for the memory-efficient path: the (B, k) float32 block fits the budget,
-    and the chunk is at most 1/40 of the classes.
+    r"""A class-chunk size for the memory-efficient path: the (B, k) float32 block fits the budget.
 
-    .. math:: k = \min\Big(C, \max\big(128, \min(\lfloor \mathrm{budget} / (4 B) \rfloor,
-              \lfloor C / 40 \rfloor)\big)\Big)
+    .. math:: k = \min\Big(C, \max\big(128, \lfloor \mathrm{budget} / (4 B) \rfloor\big)\Big)
 
     The path works on two such blocks (a chunk's products and their exponentials; the last chunk's
-    pair is kept from forward to backward): with k <= C / 40 they hold at most 5% of B*C numbers.
-    Besides them, a chunk uses (k, D) numbers only when W is float16/bfloat16 (its rows are upcast
-    one chunk at a time); everything else the path keeps is (rows, D), (B, D) or (C,) sized, plus
-    the gradient dW itself. Below k = 128 products get slow, so k is never smaller (unless C is).
+    pair is kept from forward to backward). Besides them, a chunk uses (k, D) numbers only when W
+    is float16/bfloat16 (its rows are upcast one chunk at a time); everything else the path keeps
+    is (rows, D), (B, D) or (C,) sized, plus the gradient dW itself. The budget is fixed rather than
+    a fraction of C: with few classes (C = 1e4 at B = 256) a smaller k measured up to 10% slower
+    (more, smaller products) to save about 0.5 MB, and the (B, D) temporaries of the path weigh as
+    much there (benchmarks/RESULTS.md, "Chunk size").
 
     Args:
         batch_size: B >= 1.
@@ -88,8 +83,7 @@ def chunk_size_for(batch_size: int, num_classes: int, device="cpu", budget_bytes
         kind = torch.device(device).type
         budget_bytes = CHUNK_BUDGET_BYTES["cpu" if kind == "cpu" else "cuda"]
     budget_bytes = check_positive(budget_bytes, "budget_bytes")
-    fitting = min(budget_bytes // (4 * batch_size), num_classes // MIN_CHUNKS)
-    return int(min(num_classes, max(MIN_CHUNK, fitting)))
+    return int(min(num_classes, max(MIN_CHUNK, budget_bytes // (4 * batch_size))))
 
 
 def chunked_margin_cross_entropy(
