@@ -169,9 +169,13 @@ class _Chunks:
     def buffer(self, like: torch.Tensor) -> torch.Tensor:
         return like.new_empty(like.shape[0] * min(self.chunk_size, self.num_classes))
 
-    @staticmethod
-    def block(buffer: torch.Tensor, batch: int, start: int, stop: int) -> torch.Tensor:
-        return buffer[: batch * (stop - start)].view(batch, stop - start)
+    def blocks(self, buffer: torch.Tensor, batch: int) -> list[torch.Tensor]:
+        """Each chunk's (B, k) view of a buffer, made once: every full chunk shares one view (the
+        loops run a few thousand chunks, and each view made there is a few microseconds)."""
+        full = buffer[: batch * (self.bounds[0][1] - self.bounds[0][0])].view(batch, -1)
+        width = self.bounds[-1][1] - self.bounds[-1][0]
+        last = full if width == full.shape[1] else buffer[: batch * width].view(batch, width)
+        return [full] * (len(self.bounds) - 1) + [last]
 
 
 def _feature_side(x, w_target, config: MarginConfig, scale):
@@ -230,22 +234,28 @@ def _normaliser(W, u, target, column, chunks: _Chunks, keep_last: bool):
     products u W_c^T: the backward pass need not compute them again (for C <= chunk_size: no
     recomputation at all), and goes on using both buffers instead of allocating its own.
     """
-    batch = u.shape[0]
+    batch, last = u.shape[0], len(chunks.bounds) - 1
     raw_buffer = chunks.buffer(u)
-    maxima = u.new_empty(len(chunks.bounds), batch)
-    sums = torch.empty_like(maxima)
+    raw_blocks = chunks.blocks(raw_buffer, batch)
+    weight_t = W.T  # half-precision rows are upcast one chunk at a time, below
+    maxima = u.new_empty(last + 1, batch, 1)
+    sums = u.new_empty(last + 1, batch)
+    target_column, minus_inf = target[:, None], u.new_full((), -math.inf)
     kept = None
     for index, ((start, stop), targets) in enumerate(zip(chunks.bounds, chunks.targets)):
-        raw = torch.mm(u, W[start:stop].to(u.dtype).T, out=chunks.block(raw_buffer, batch, start, stop))
-        if keep_last and index == len(chunks.bounds) - 1:
+        rows_t = weight_t[:, start:stop]
+        raw = torch.mm(u, rows_t if rows_t.dtype == u.dtype else rows_t.to(u.dtype), out=raw_blocks[index])
+        if keep_last and index == last:
             kept = (raw_buffer, chunks.buffer(u))
-            logits = torch.mul(raw, column[start:stop], out=chunks.block(kept[1], batch, start, stop))
+            logits = torch.mul(raw, column[start:stop], out=chunks.blocks(kept[1], batch)[last])
         else:
             logits = raw.mul_(column[start:stop])
         if targets is not None:
-            logits[targets] = -math.inf
-        peak = torch.maximum(torch.amax(logits, dim=1, out=maxima[index]), target, out=maxima[index])
-        torch.sum(logits.sub_(peak[:, None]).mul_(LOG2E).exp2_(), dim=1, out=sums[index])
+            logits.index_put_(targets, minus_inf)
+        peak = maxima[index]
+        torch.maximum(torch.amax(logits, dim=1, keepdim=True, out=peak), target_column, out=peak)
+        torch.sum(logits.sub_(peak).mul_(LOG2E).exp2_(), dim=1, out=sums[index])
+    maxima = maxima.squeeze_(2)
     peak = maxima.amax(dim=0)
     return peak, sums.mul_(maxima.sub_(peak).exp_()).sum(dim=0), kept
 
@@ -268,25 +278,30 @@ def _backward_chunks(W, u, chunks: _Chunks, h, chain, peak, row_factor, scale, n
     batch, dtype = u.shape[0], u.dtype
     u_weighted = u * row_factor[:, None] if need_W else None
     neg_peak = peak.neg()[:, None]
+    columns = h * scale  # the same roundings as the forward's factors
+    chain_scaled = chain * scale if need_W else None
     grad_W = torch.empty_like(W) if need_W else None
     grad_scale = torch.zeros((), dtype=dtype, device=W.device)
+    zero = u.new_zeros(())
     raw_buffer, exp_buffer = (chunks.buffer(u), chunks.buffer(u)) if kept is None else kept
+    raw_blocks, exp_blocks = chunks.blocks(raw_buffer, batch), chunks.blocks(exp_buffer, batch)
     # The last chunk first, whether its products were kept or not: the same order of summation
     # (the same bits) in a first backward and in a repeated one (retain_graph=True).
     last = len(chunks.bounds) - 1
     for index in [last, *range(last)]:
         start, stop = chunks.bounds[index]
-        rows = W[start:stop].to(dtype)
-        column = h[start:stop] * scale  # the same roundings as the forward's factors
-        raw = chunks.block(raw_buffer, batch, start, stop)
+        rows = W[start:stop]
+        rows = rows if rows.dtype == dtype else rows.to(dtype)
+        column = columns[start:stop]
+        raw = raw_blocks[index]
         if kept is None or index != last:
             torch.mm(u, rows.T, out=raw)
         # exp(logit - M) as in forward (see _normaliser): logit - M in one pass, -M + raw * c_j, since M
         # is known here; rounded as forward's two steps were (or once, where the CPU fuses them)
-        probs = torch.addcmul(neg_peak, raw, column, out=chunks.block(exp_buffer, batch, start, stop))
+        probs = torch.addcmul(neg_peak, raw, column, out=exp_blocks[index])
         probs.mul_(LOG2E).exp2_()
         if chunks.targets[index] is not None:
-            probs[chunks.targets[index]] = 0.0  # the targets' gradient flows through t instead
+            probs.index_put_(chunks.targets[index], zero)  # the targets' gradient flows through t instead
         if need_W or need_scale:
             # dL/dc_j = sum_i r_i E_ij (u_i . W_j)
             grad_column = torch.mv(raw.mul_(probs).T, row_factor)
@@ -297,7 +312,7 @@ def _backward_chunks(W, u, chunks: _Chunks, h, chain, peak, row_factor, scale, n
             # dW_j = c_j (G^T u)_j + (dL/dc_j) (dc_j/d|W_j|) W_j/|W_j|: the normalisation's chain rule.
             into = grad_W[start:stop] if grad_W.dtype == dtype else None
             direct = torch.mm(probs.T, u_weighted, out=into)
-            direct.addcmul_(rows, grad_column.mul_(chain[start:stop]).mul_(scale)[:, None])
+            direct.addcmul_(rows, grad_column.mul_(chain_scaled[start:stop]).unsqueeze_(1))
             if into is None:
                 grad_W[start:stop] = direct
         if need_u:
