@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
+from pathlib import Path
 
 import autograd
 import numpy as np
@@ -148,3 +150,28 @@ def test_the_script_runs_end_to_end(tmp_path, capsys):
     bench.main(["--from-json", str(out_json), str(out_json), "--plot", str(again_png)])
     assert again_png.stat().st_size > 0
     assert "| matmul floor" in capsys.readouterr().out
+
+
+def test_the_chunk_size_sweep_runs():
+    """benchmarks/sweep_chunk_size.py (how the CPU chunk size was chosen) runs and prints a ratio per k."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/sweep_chunk_size.py",
+            "--shape",
+            "8",
+            "16",
+            "600",
+            "--k",
+            "128",
+            "256",
+            "--repeats",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    line = done.stdout.strip().splitlines()[-1]
+    assert line.startswith("B=8 D=16 C=600") and "naive" in line and "k=128" in line and "k=256" in line
