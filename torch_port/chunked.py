@@ -44,7 +44,7 @@ from torch_port.engine import NORM_EPS, MarginConfig, _Geometry, _target_logits,
 # products and their exponentials). CPU: 512 KiB (k = 512 at B = 256), so that the pair fits a
 # core's L2 cache while a block is exponentiated and fed to the next product. On the project's
 # 2-core CPU (Zen 5, 1 MiB L2 per core) k = 512 was the fastest or within 1% of it at every shape of
-# the benchmark grid, and up to 10% faster than k = 1024 at C <= 3e4 (see benchmarks/RESULTS.md).
+# the benchmark grid, and up to 7% faster than k = 1024 at C <= 3e4 (see benchmarks/RESULTS.md).
 # GPU: 256 MiB, so that a step is a few dozen chunks of large products rather than thousands of
 # small kernel launches (k = 16384 at B = 4096).
 CHUNK_BUDGET_BYTES = {"cpu": 2**19, "cuda": 256 * 2**20}
@@ -63,7 +63,7 @@ def chunk_size_for(batch_size: int, num_classes: int, device="cpu", budget_bytes
     pair is kept from forward to backward). Besides them, a chunk uses (k, D) numbers only when W
     is float16/bfloat16 (its rows are upcast one chunk at a time); everything else the path keeps
     is (rows, D), (B, D) or (C,) sized, plus the gradient dW itself. The budget is fixed rather than
-    a fraction of C: with few classes (C = 1e4 at B = 256) a smaller k measured up to 10% slower
+    a fraction of C: with few classes (C = 1e4 at B = 256) k = 256 measured up to 8% slower
     (more, smaller products) to save about 0.5 MB, and the (B, D) temporaries of the path weigh as
     much there (benchmarks/RESULTS.md, "Chunk size").
 
