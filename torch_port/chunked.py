@@ -25,7 +25,8 @@ independent of C). Everything else is a handful of passes over each (B, k) block
 exponentials as exp2 (faster than exp on CPU, see _normaliser). Between forward and backward only
 x, W, y, (B,)/(C,) vectors and the last chunk's two (B, k) blocks are kept. The backward is
 once-differentiable. On a GPU the chunk loop never waits for the host; grouping the labels by chunk
-costs one synchronisation per pass. Measurements: benchmarks/RESULTS.md.
+costs one synchronisation per pass. Measurements: benchmarks/RESULTS.md. Derivation:
+derivations/09-chunked-margin-ce.md.
 """
 
 from __future__ import annotations
