@@ -533,3 +533,43 @@ def test_rounding_of_a_large_problem_matches_float64_truth():
     chunked_err = float((chunked32 - truth).abs().max())
     eps = torch.finfo(torch.float32).eps
     assert chunked_err <= max(2 * plain_err, 4 * eps * float(truth.abs().max())), (chunked_err, plain_err)
+
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_paths_agree_on_each_device(kind, dtype, device):
+    """The chunked path equals the plain path on every device the machine has, with a learnable
+    scale, several chunks (the last partial) and a batch larger than a CPU feature block at D = 512
+    (so the row blocks are exercised where they apply)."""
+    batch, classes, dim = 70, 1000, 512
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(batch, dim, dtype=dtype, generator=gen).to(device)
+    W = torch.randn(classes, dim, dtype=dtype, generator=gen).to(device)
+    y = torch.randint(0, classes, (batch,), generator=gen).to(device)
+    config = CONFIGS[kind](torch.tensor(8.0, dtype=dtype, device=device))
+    assert_paths_agree(x, W, y, config, "mean", 96)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_half_precision_inputs_agree_on_each_device(device):
+    """bfloat16 x and W (the CUDA benchmark's inputs): both paths compute in float32 and return
+    bfloat16 gradients; they agree to a bfloat16 rounding of each other."""
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(70, 64, generator=gen).to(device=device, dtype=torch.bfloat16)
+    W = (0.05 * torch.randn(1000, 64, generator=gen)).to(device=device, dtype=torch.bfloat16)
+    y = torch.randint(0, 1000, (70,), generator=gen).to(device)
+    config = CONFIGS["arcface"](30.0)
+    plain_loss, plain_grads = loss_and_grads(x, W, y, config, "mean", None)
+    loss, grads = loss_and_grads(x, W, y, config, "mean", 96)
+    assert loss.dtype == plain_loss.dtype == torch.float32
+    assert torch.allclose(loss, plain_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, plain_grads):
+        assert a.dtype == b.dtype == torch.bfloat16
+        assert_matches(a.float().cpu(), b.float().cpu(), 1e-2, "bfloat16 gradient")
