@@ -262,7 +262,8 @@ def _normaliser(W, u, target, column, chunks: _Chunks, keep_last: bool):
 
 
 def _backward_chunks(W, u, chunks: _Chunks, h, chain, peak, row_factor, scale, needs, kept, grad_u):
-    """du (before the row factor), dW (without the targets' own share) and dL/ds over the chunks.
+    """Over the chunks: du (before the row factor) added into ``grad_u``; returns dW (without the
+    targets' own share) and dL/ds.
 
     G_ij = g_i p_ij = (g_i / total_i) exp(logit_ij - M_i), logit_ij = c_j (u_i . W_j). The row factor
     r_i = g_i / total_i is folded into u for G^T u (a (B, D) scaling) and into du by the caller, so
