@@ -20,16 +20,16 @@ import autograd.numpy as anp
 import numpy as np
 from autograd.tracer import getval
 
-from refimpl._arrays import as_float64, check_ndim, pick
-from refimpl._geometry import (
+from refimpl.arrays import as_float64, check_ndim, pick
+from refimpl.geometry import (
     check_features_weights_labels,
     cosines,
     replace_target,
     row_norms,
     target_angles,
 )
-from refimpl._validate import check_nonnegative, check_positive_int
 from refimpl.softmax import cross_entropy
+from softmax_common.checks import check_nonnegative, check_positive_int
 
 
 def _power(v, p: int):

@@ -11,8 +11,8 @@ import autograd.numpy as anp
 import numpy as np
 from autograd.tracer import getval
 
-from refimpl._arrays import check_features_table_labels, reduce_loss
-from refimpl._validate import check_interval
+from refimpl.arrays import check_features_table_labels, reduce_loss
+from softmax_common.checks import check_interval
 
 
 def _check_features_labels_centers(x, y, centers):

@@ -11,11 +11,12 @@ ArcFace            psi = cos(theta + m)                (additive angular margin)
 combined margin    psi = cos(m1 theta + m2) - m3       (all three), with a fallback
 =================  =====================================================================
 
-Angles come from ``refimpl._geometry.target_angles`` (the half-angle form, exact to rounding at
+Angles come from ``refimpl.geometry.target_angles`` (the half-angle form, exact to rounding at
 cos = +-1), so the target transforms are written in theta, as the papers write them, never as
-sqrt(1 - cos^2). The two closed-form bounds of the family, :func:`normface_lower_bound` and
-:func:`cosface_min_scale`, live here too. The hyperparameter checks are plain Python and shared
-with ``torch_port``, so both packages reject the same input with the same message.
+sqrt(1 - cos^2). The hyperparameter checks and the two closed-form bounds of the family,
+:func:`normface_lower_bound` and :func:`cosface_min_scale`, are plain Python shared with
+``torch_port`` (``softmax_common``), so both packages reject the same input with the same message
+and give the same bound.
 
 Derivations: ``derivations/03-normface.md``, ``04-cosface-am-softmax.md``, ``05-arcface-combined.md``.
 """
@@ -23,84 +24,58 @@ Derivations: ``derivations/03-normface.md``, ``04-cosface-am-softmax.md``, ``05-
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 
 import autograd.numpy as anp
-import numpy as np
 
-from refimpl._arrays import check_features_table_labels, pick
-from refimpl._geometry import check_features_weights_labels, cosines, replace_target, target_angles
-from refimpl._validate import (
-    check_interval,
-    check_nonnegative,
-    check_positive,
-    check_positive_int,
-    check_reduction,
-)
+from refimpl.arrays import check_features_table_labels, pick
+from refimpl.geometry import check_features_weights_labels, cosines, replace_target, target_angles
 from refimpl.softmax import cross_entropy
-
-# The angle where Delta * sin(Delta) peaks on [0, pi]: the root of sin(D) + D cos(D) = 0 in (pi/2, pi).
-# Past it the first-order cosine gap of the combined margin's extension is held at its peak, so the
-# gap never shrinks as the margin grows (derivations/05-arcface-combined.md checks the root).
-GAP_PEAK_ANGLE = 2.028757838110434
+from softmax_common.checks import (
+    check_angular_margin,
+    check_combined_margins,
+    check_cosine_margin,
+    check_flag,
+    check_reduction,
+    check_scale,
+)
+from softmax_common.closed_forms import cosface_min_scale, normface_lower_bound
 
 # ---------------------------------------------------------------------------------------------
-# Hyperparameter checks (shared with torch_port: same ranges, same messages)
+# The fallback gaps, by the reference's own route
+#
+# The port takes these gaps from softmax_common.closed_forms; the reference writes them as the
+# papers and insightface do (from theta* rather than Delta, sin(pi - m) rather than sin m, the peak
+# angle found here by bisection), so a slip in either route shows up in the agreement tests.
 # ---------------------------------------------------------------------------------------------
 
 
-def check_scale(s) -> float:
-    """The scale s of the normalized logits: a finite number > 0."""
-    return check_positive(s, "s")
+def _peak_of_angle_times_sine() -> float:
+    """The root of d/dD (D sin D) = sin D + D cos D in (pi/2, pi), by bisection (it falls from 1 to -pi)."""
+    low, high = math.pi / 2, math.pi
+    for _ in range(200):
+        middle = 0.5 * (low + high)
+        if math.sin(middle) + middle * math.cos(middle) > 0:
+            low = middle
+        else:
+            high = middle
+    return 0.5 * (low + high)
 
 
-def check_cosine_margin(m) -> float:
-    """CosFace/AM-Softmax margin: a finite number >= 0 (subtracted from a cosine)."""
-    return check_nonnegative(m, "m")
+PEAK_ANGLE = _peak_of_angle_times_sine()
 
 
-def check_angular_margin(m, name: str = "m") -> float:
-    """An additive angle in [0, pi/2]: on that range the ArcFace fallback keeps psi non-increasing."""
-    return check_interval(m, name, 0.0, math.pi / 2)
+def arcface_gap(m: float) -> float:
+    """ArcFace's fallback gap m sin(pi - m), as insightface's ``mm = sin(pi - m) * m``."""
+    return math.sin(math.pi - m) * m
 
 
-def check_combined_margins(m1, m2, m3) -> tuple[float, float, float]:
-    """m1 >= 1 (multiplicative angle), m2 in [0, pi/2] (additive angle), m3 >= 0 (cosine margin)."""
-    m1 = check_interval(m1, "m1", 1.0, math.inf, high_open=True)
-    m2 = check_angular_margin(m2, "m2")
-    m3 = check_nonnegative(m3, "m3")
-    return m1, m2, m3
-
-
-def check_flag(value, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__}")
-    return bool(value)
-
-
-def arcface_fallback_gap(m: float) -> float:
-    """m sin m: the cosine gap ArcFace subtracts once theta + m > pi (insightface's ``mm``)."""
-    return m * math.sin(m)
-
-
-def combined_margin_gap(m1: float, m2: float) -> float:
-    r"""The cosine gap c of the combined margin's extension past theta* = (pi - m2) / m1.
-
-    .. math::
-
-        \Delta = \pi - \theta^* = \frac{\pi (m_1 - 1) + m_2}{m_1}, \qquad
-        c = \max\bigl(g(\Delta),\; 1 - \cos\Delta\bigr), \qquad
-        g(\Delta) = \Delta' \sin\Delta',\ \Delta' = \min(\Delta, \Delta_{peak})
-
-    Delta is the angular margin left at theta*; Delta sin(Delta) = Delta sin(theta*) turns it into a
-    cosine gap to first order (for m1 = 1 it is ArcFace's m2 sin m2 exactly). The term 1 - cos(Delta)
-    = 1 + cos(theta*) makes the jump at theta* go down, never up; holding g at its peak keeps c
-    non-decreasing in Delta, hence in m1 and m2.
-    """
-    # Delta written so that m1 = 1 gives exactly m2 (not pi - (pi - m2), which rounds).
-    delta = (math.pi * (m1 - 1.0) + m2) / m1
-    held = min(delta, GAP_PEAK_ANGLE)
-    return max(held * math.sin(held), 1.0 - math.cos(delta))
+def combined_gap(m1: float, m2: float) -> float:
+    """The combined margin's extension gap c(m1, m2) (derivations/05-arcface-combined.md), from the
+    switch angle theta* = (pi - m2)/m1: the first-order gap Delta sin Delta of the angle Delta = pi -
+    theta* left over at theta* (held at its peak), or 1 + cos(theta*) if that is larger."""
+    switch = (math.pi - m2) / m1
+    delta = min(math.pi - switch, PEAK_ANGLE)
+    return max(delta * math.sin(delta), 1.0 + math.cos(switch))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +257,7 @@ def arcface_logits(x, W, y, s=64.0, m=0.5, easy_margin=False):
     if easy_margin:
         psi = anp.where(cos_y > 0, anp.cos(theta_y + m), cos_y)
     else:
-        psi = anp.where(theta_y + m <= math.pi, anp.cos(theta_y + m), cos_y - arcface_fallback_gap(m))
+        psi = anp.where(theta_y + m <= math.pi, anp.cos(theta_y + m), cos_y - arcface_gap(m))
     return s * replace_target(cos, y, psi)
 
 
@@ -324,7 +299,7 @@ def combined_margin_logits(x, W, y, s=64.0, m1=1.0, m2=0.5, m3=0.0):
             \cos\theta - m_3 - c(m_1, m_2) & \text{otherwise}
         \end{cases}
 
-    with c from :func:`combined_margin_gap`. The extension past theta* = (pi - m2)/m1 keeps psi
+    with c from :func:`combined_gap`. The extension past theta* = (pi - m2)/m1 keeps psi
     non-increasing in theta and below cos theta, jumps down at theta*, and is ArcFace's fallback
     when m1 = 1, m3 = 0 (derivations/05-arcface-combined.md). (m1, m2, m3) = (1, 0, m) is CosFace,
     (1, m, 0) is ArcFace; m1 > 1 is SphereFace's multiplicative margin without its piecewise psi.
@@ -346,7 +321,7 @@ def combined_margin_logits(x, W, y, s=64.0, m1=1.0, m2=0.5, m3=0.0):
     cos = cosines(x, W)
     cos_y = pick(cos, y)
     angle = m1 * target_angles(x, W, y) + m2
-    psi = anp.where(angle <= math.pi, anp.cos(angle) - m3, (cos_y - m3) - combined_margin_gap(m1, m2))
+    psi = anp.where(angle <= math.pi, anp.cos(angle) - m3, (cos_y - m3) - combined_gap(m1, m2))
     return s * replace_target(cos, y, psi)
 
 
@@ -377,76 +352,17 @@ def combined_margin_loss(x, W, y, s=64.0, m1=1.0, m2=0.5, m3=0.0, reduction="mea
     return cross_entropy(logits, y, reduction)
 
 
-# ---------------------------------------------------------------------------------------------
-# Closed-form bounds
-# ---------------------------------------------------------------------------------------------
-
-
-def normface_lower_bound(n, s) -> float:
-    r"""The least mean NormFace loss n classes can reach at scale s (NormFace, Proposition 2).
-
-    .. math:: L_{min}(n, s) = \log\bigl(1 + (n-1)\, e^{-\frac{n}{n-1} s}\bigr)
-                            = \mathrm{softplus}\bigl(\log(n-1) - \tfrac{n}{n-1} s\bigr)
-
-    For unit class weights with each class's feature at its own weight, the mean loss is at least
-    this, with equality exactly for a regular simplex (possible when n <= D + 1). With s = 1 (no
-    scale) and n = 10575 (CASIA-WebFace) it is about 8.27.
-
-    Computed to full relative precision for every s: the exponent n s/(n-1) is split exactly into
-    hi + lo (rational arithmetic on the float inputs), u = (n-1) e^{-hi} (1 - lo) is formed exactly
-    from the one rounded exp, and the result is log1p(u). Forming log(n-1) - n s/(n-1) first and
-    taking softplus would not do: that difference carries an absolute rounding error of about
-    1e-16 * max(log n, s), which exp turns into a relative error of up to 1e-13 when the bound is
-    tiny. log1p(u) has condition number <= 1, so the one rounding of exp is all that remains.
-
-    Args:
-        n: number of classes, an integer >= 2.
-        s: scale > 0 (the NormFace paper's l^2: features and weights both of norm l).
-
-    Returns:
-        The bound as a Python float (0.0 once it underflows, for n s/(n-1) above ~745 + log n).
-
-    References:
-        Wang, Xiang, Cheng, Yuille, "NormFace: L2 Hypersphere Embedding for Face Verification", 2017.
-    """
-    n = check_positive_int(n, "n", minimum=2)
-    s = check_positive(s, "s")
-    exponent = Fraction(n) * Fraction(s) / (n - 1)
-    hi = float(exponent)
-    lo = exponent - Fraction(hi)  # |lo| <= ulp(hi)/2, so exp(-lo) = 1 - lo to far beyond double precision
-    if hi < 700.0:
-        decay = Fraction(math.exp(-hi))
-    else:
-        # exp(-hi) alone would be subnormal (and imprecise) while (n-1) exp(-hi) may still be normal.
-        decay = Fraction(math.exp(-0.5 * hi)) ** 2
-    # u = (n-1) e^{-s n/(n-1)} exactly up to exp's own rounding, kept as hi + lo parts so that neither
-    # the products nor the conversion to float add a rounding: log1p(u_hi + u_lo) ~ log1p(u_hi) + u_lo/(1 + u_hi).
-    u = (n - 1) * decay * (1 - lo)
-    u_hi = float(u)
-    u_lo = float(u - Fraction(u_hi))
-    return math.log1p(u_hi) + u_lo / (1.0 + u_hi)
-
-
-def cosface_min_scale(C, p) -> float:
-    r"""The least scale at which C perfectly separated classes can all reach posterior p (CosFace).
-
-    .. math:: s_{min} = \frac{C - 1}{C} \log \frac{(C - 1)\, p}{1 - p}
-
-    Assumption (CosFace, the section on feature normalization): every feature sits at its own class
-    weight (all unit vectors). Then for at least one class the posterior of its own weight is at most
-    e^s / (e^s + (C-1) e^{-s/(C-1)}), with equality for a regular simplex; reaching p for every class
-    therefore needs s >= s_min. A value <= 0 (p <= 1/C) means every positive scale suffices.
-
-    Args:
-        C: number of classes, an integer >= 2.
-        p: the desired posterior, in (0, 1).
-
-    Returns:
-        s_min as a Python float.
-
-    References:
-        Wang et al., "CosFace: Large Margin Cosine Loss for Deep Face Recognition", CVPR 2018.
-    """
-    C = check_positive_int(C, "C", minimum=2)
-    p = check_interval(p, "p", 0.0, 1.0, low_open=True, high_open=True)
-    return (C - 1) / C * math.log((C - 1) * p / (1.0 - p))
+__all__ = [
+    "am_softmax_logits",
+    "am_softmax_loss",
+    "arcface_logits",
+    "arcface_loss",
+    "combined_margin_logits",
+    "combined_margin_loss",
+    "cosface_logits",
+    "cosface_loss",
+    "cosface_min_scale",
+    "normface_logits",
+    "normface_loss",
+    "normface_lower_bound",
+]

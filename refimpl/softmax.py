@@ -10,8 +10,8 @@ import autograd.numpy as anp
 import numpy as np
 from autograd.tracer import getval
 
-from refimpl._arrays import as_float64, check_labels, check_ndim, pick, reduce_loss
-from refimpl._validate import check_interval, check_positive
+from refimpl.arrays import as_float64, check_labels, check_ndim, pick, reduce_loss
+from softmax_common.checks import check_interval, check_positive
 
 
 def _scaled(z, T):

@@ -23,8 +23,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import refimpl
+import refimpl.normalized as refimpl_normalized
 import torch_port.functional as tpf
-from refimpl.normalized import GAP_PEAK_ANGLE, arcface_fallback_gap, combined_margin_gap
+from softmax_common.closed_forms import GAP_PEAK_ANGLE, arcface_fallback_gap, combined_margin_gap
 from tests import strategies as S
 from tests.records.normalized import features_weights_labels, hyperparameters, jumps, orthogonal_unit, unit_rows
 from tests.tolerances import Tol, assert_close
@@ -189,6 +190,20 @@ def test_combined_gap_is_arcface_fallback_at_m1_one():
     assert np.all(gaps[deltas <= math.pi / 2] == (deltas * np.sin(deltas))[deltas <= math.pi / 2])
     # GAP_PEAK_ANGLE is where Delta sin Delta peaks: its derivative sin D + D cos D vanishes there.
     assert abs(math.sin(GAP_PEAK_ANGLE) + GAP_PEAK_ANGLE * math.cos(GAP_PEAK_ANGLE)) < 1e-15
+
+
+def test_the_two_routes_to_the_fallback_gaps_agree():
+    """The port's gaps (softmax_common.closed_forms, written in Delta) and the reference's own
+    (refimpl.normalized, written in theta* with the peak angle found by bisection) agree to rounding
+    over the whole hyperparameter range; the two peak angles agree to the last bits."""
+    assert abs(refimpl_normalized.PEAK_ANGLE - GAP_PEAK_ANGLE) < 4 * EPS
+    for m in np.linspace(0.0, math.pi / 2, 101):
+        assert abs(refimpl_normalized.arcface_gap(float(m)) - arcface_fallback_gap(float(m))) <= 4 * EPS
+    for m1 in np.concatenate([np.linspace(1.0, 4.0, 61), [8.0, 100.0]]):
+        for m2 in np.linspace(0.0, math.pi / 2, 21):
+            ours = refimpl_normalized.combined_gap(float(m1), float(m2))
+            theirs = combined_margin_gap(float(m1), float(m2))
+            assert abs(ours - theirs) <= 16 * EPS * max(1.0, abs(theirs)), (m1, m2, ours, theirs)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -19,9 +19,9 @@ import math
 
 import torch
 
-from refimpl._validate import check_nonnegative, check_positive_int
-from torch_port._checks import check_float_tensor, compute_dtype
+from softmax_common.checks import check_nonnegative, check_positive_int
 from torch_port.engine import MarginConfig, margin_cross_entropy, margin_logits
+from torch_port.tensor_checks import check_float_tensor, compute_dtype
 
 
 def _chebyshev(c: torch.Tensor, m: int) -> torch.Tensor:

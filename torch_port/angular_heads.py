@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from refimpl._validate import check_nonnegative, check_positive_int
+from softmax_common.checks import check_nonnegative, check_positive_int
 from torch_port.angular import lsoftmax_config, sphereface_config
 from torch_port.engine import MarginConfig, margin_cross_entropy
 from torch_port.heads import MarginHead

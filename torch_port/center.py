@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from refimpl._validate import check_interval, check_nonnegative, check_positive_int, check_reduction
-from torch_port._checks import (
+from softmax_common.checks import check_interval, check_nonnegative, check_positive_int, check_reduction
+from torch_port.tensor_checks import (
     check_features_table_labels,
     compute_dtype,
     reduce_loss,

@@ -37,9 +37,9 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from refimpl._validate import check_positive, check_positive_int
-from torch_port._checks import compute_dtype
+from softmax_common.checks import check_positive, check_positive_int
 from torch_port.engine import NORM_EPS, MarginConfig, _Geometry, _target_logits, unit_rows
+from torch_port.tensor_checks import compute_dtype
 
 # The memory one chunk's (B, k) block may take, by device; the path works on two such blocks (the
 # products and their exponentials). CPU: 512 KiB (k = 512 at B = 256), so that the pair fits a

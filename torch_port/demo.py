@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from refimpl._validate import check_positive_int
+from softmax_common.checks import check_positive_int
 from torch_port import AMSoftmax, ArcFace, CenterLoss, CosFace, LSoftmax, MarginSchedule, NormFace, SphereFace
 from torch_port.functional import cross_entropy
 

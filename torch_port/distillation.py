@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from refimpl._validate import check_interval, check_positive, check_reduction
+from softmax_common.checks import check_interval, check_positive, check_reduction
 from torch_port.softmax import distillation_loss
 
 

@@ -55,10 +55,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from refimpl._validate import check_interval, check_positive, check_positive_int, check_reduction
-from torch_port._checks import check_chunk_size, check_labels, check_same_device, compute_dtype, reduce_loss
+from softmax_common.checks import check_interval, check_positive, check_positive_int, check_reduction
 from torch_port.engine import MarginConfig, _Geometry, _target_logits, check_inputs, margin_cross_entropy, plain_logits
 from torch_port.heads import MarginHead
+from torch_port.tensor_checks import check_chunk_size, check_labels, check_same_device, compute_dtype, reduce_loss
 
 # The version tag of a shard's checkpoint metadata (ShardedMarginHead.get_extra_state).
 CHECKPOINT_FORMAT = "softmax-variants/sharded-margin-head/1"

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from refimpl._validate import check_reduction
-from torch_port._checks import (
+from softmax_common.checks import check_reduction
+from torch_port.tensor_checks import (
     check_chunk_size,
     check_features_table_labels,
     compute_dtype,
@@ -36,7 +36,7 @@ from torch_port._checks import (
 )
 
 # Normalisation divides by max(|v|, NORM_EPS), as torch.nn.functional.normalize does; the same
-# constant as refimpl._geometry.NORM_EPS.
+# constant as refimpl.geometry.NORM_EPS.
 NORM_EPS = 1e-12
 
 TargetFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -12,9 +12,9 @@ import dataclasses
 import torch
 from torch import nn
 
-from refimpl._validate import check_positive_int, check_reduction
-from torch_port._checks import check_chunk_size
+from softmax_common.checks import check_positive_int, check_reduction
 from torch_port.engine import MarginConfig, margin_cross_entropy, plain_logits
+from torch_port.tensor_checks import check_chunk_size
 
 
 class MarginHead(nn.Module):

@@ -12,8 +12,9 @@ and pi (the cone points, where ArcFace has no derivative); the chain rule then c
 factor d cos(theta + m) / d cos(theta) = sin(theta + m) / sin(theta) (derivations/05-arcface-combined.md).
 
 The closed-form bounds :func:`normface_lower_bound` and :func:`cosface_min_scale` take and return
-Python numbers (they are functions of hyperparameters, not of tensors): they are the reference's,
-re-exported, so that both packages give the same number to the last bit.
+Python numbers (they are functions of hyperparameters, not of tensors): both packages export the
+one plain-Python implementation in ``softmax_common.closed_forms``, so they give the same number to
+the last bit.
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ import math
 
 import torch
 
-from refimpl.normalized import (
-    arcface_fallback_gap,
+from softmax_common.checks import (
     check_angular_margin,
     check_combined_margins,
     check_cosine_margin,
     check_flag,
     check_scale,
+)
+from softmax_common.closed_forms import (
+    arcface_fallback_gap,
     combined_margin_gap,
     cosface_min_scale,
     normface_lower_bound,
@@ -368,7 +371,7 @@ def combined_margin_loss(
             \cos\theta - m_3 - c(m_1, m_2) & \text{otherwise}
         \end{cases}
 
-    with c from ``refimpl.normalized.combined_margin_gap``: psi is non-increasing, <= cos theta, and
+    with c from ``softmax_common.closed_forms.combined_margin_gap``: psi is non-increasing, <= cos theta, and
     equals ArcFace's psi for (1, m, 0) and CosFace's for (1, 0, m).
 
     Args:

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from refimpl.normalized import (
+from softmax_common.checks import (
     check_angular_margin,
     check_combined_margins,
     check_cosine_margin,

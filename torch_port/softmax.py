@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from refimpl._validate import check_interval, check_positive, check_reduction
-from torch_port._checks import (
+from softmax_common.checks import check_interval, check_positive, check_reduction
+from torch_port.tensor_checks import (
     check_float_tensor,
     check_labels,
     check_same_device,

@@ -12,7 +12,7 @@ from hypothesis import assume
 from hypothesis import strategies as st
 
 import refimpl
-import refimpl._geometry as refimpl_geometry
+import refimpl.geometry as refimpl_geometry
 import torch_port.functional as tpf
 from tests import strategies as S
 from tests.samples import ErrorSample, LossRecord, Sample

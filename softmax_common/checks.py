@@ -1,9 +1,9 @@
-"""Argument checks shared by both packages.
+"""Argument and hyperparameter checks shared by both packages.
 
 Everything here is plain Python (no NumPy, no torch), so that ``refimpl`` and ``torch_port``
 reject the same bad input with the same message. Array checks live beside each package's
-array type (``refimpl._arrays``, ``torch_port._checks``). Every check raises before any
-computation or state change, so a failed call leaves nothing half-done.
+array type (``refimpl/arrays.py``, ``torch_port/tensor_checks.py``). Every check raises before
+any computation or state change, so a failed call leaves nothing half-done.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def check_reduction(reduction: object) -> str:
     return reduction  # type: ignore[return-value]
 
 
-def _real(value: object, name: str) -> float:
+def real_number(value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
@@ -31,14 +31,14 @@ def _real(value: object, name: str) -> float:
 
 def check_positive(value: object, name: str) -> float:
     """A finite real number > 0 (temperatures, scales)."""
-    value = _real(value, name)
+    value = real_number(value, name)
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return value
 
 
 def check_nonnegative(value: object, name: str) -> float:
-    value = _real(value, name)
+    value = real_number(value, name)
     if not (value >= 0 and math.isfinite(value)):
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     return value
@@ -48,7 +48,7 @@ def check_interval(
     value: object, name: str, low: float, high: float, *, low_open: bool = False, high_open: bool = False
 ) -> float:
     """A real number in the interval [low, high], either end optionally open."""
-    value = _real(value, name)
+    value = real_number(value, name)
     above = value > low if low_open else value >= low
     below = value < high if high_open else value <= high
     if not (above and below):
@@ -73,7 +73,39 @@ def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
     return as_int
 
 
-def check_class_count(num_classes: int, name: str = "number of classes") -> int:
-    if num_classes < 1:
-        raise ValueError(f"{name} must be >= 1, got {num_classes}")
-    return num_classes
+def check_flag(value: object, name: str) -> bool:
+    """True or False. NumPy's bool scalar is accepted too (recognised by its type, so that this
+    module need not import NumPy); 0, 1 and strings are refused."""
+    kind = type(value)
+    if not (isinstance(value, bool) or (kind.__module__ == "numpy" and kind.__name__ in ("bool_", "bool"))):
+        raise TypeError(f"{name} must be a bool (True or False), got {kind.__name__}")
+    return bool(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hyperparameters of the margin losses (radians for angles)
+# ---------------------------------------------------------------------------------------------
+
+
+def check_scale(s: object) -> float:
+    """The scale s of the normalized logits: a finite number > 0."""
+    return check_positive(s, "s")
+
+
+def check_cosine_margin(m: object) -> float:
+    """CosFace/AM-Softmax margin: a finite number >= 0 (subtracted from a cosine)."""
+    return check_nonnegative(m, "m")
+
+
+def check_angular_margin(m: object, name: str = "m") -> float:
+    """An additive angle in radians, in [0, pi/2]: on that range the ArcFace fallback keeps psi
+    non-increasing."""
+    return check_interval(m, name, 0.0, math.pi / 2)
+
+
+def check_combined_margins(m1: object, m2: object, m3: object) -> tuple[float, float, float]:
+    """m1 >= 1 (multiplicative angle), m2 in [0, pi/2] (additive angle, radians), m3 >= 0 (cosine margin)."""
+    m1 = check_interval(m1, "m1", 1.0, math.inf, high_open=True)
+    m2 = check_angular_margin(m2, "m2")
+    m3 = check_nonnegative(m3, "m3")
+    return m1, m2, m3

@@ -10,7 +10,7 @@ import autograd.numpy as anp
 import numpy as np
 from autograd.tracer import getval, isbox
 
-from refimpl._validate import check_reduction
+from softmax_common.checks import check_reduction
 
 
 def as_float64(a, name: str):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from refimpl._validate import check_positive_int, check_reduction
+from softmax_common.checks import check_positive_int, check_reduction
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import autograd.numpy as anp
 
-from refimpl._arrays import check_features_table_labels
+from refimpl.arrays import check_features_table_labels
 
 # Normalisation divides by max(|v|, NORM_EPS): a zero vector maps to zero (cos = 0 with every class).
 NORM_EPS = 1e-12
