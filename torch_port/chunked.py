@@ -1,15 +1,16 @@
-"""The memory-efficient path of the margin engine: classes walked in chunks, no (B, C) tensor kept.
+"""The memory-efficient path of the engine's primitive: classes walked in chunks, no (B, C) tensor kept.
 
 Face recognition trains with 1e5 to 1e7 classes, where the (B, C) logits, their softmax and their
 gradient dominate memory. This path computes what the plain path of
-:func:`torch_port.engine.margin_cross_entropy` computes, loss and gradients for x, W and a learnable
-scale, to rounding, but touches the classes ``chunk_size`` at a time:
+:func:`torch_port.engine.lse_and_target` computes, per row the log-sum-exp over the classes and the
+target logit, with their gradients for x, W and a learnable scale, to rounding, but touches the
+classes ``chunk_size`` at a time:
 
 - forward: for each chunk, the (B, k) logits c_j (u_i . W_j) with the targets' columns masked out,
   reduced to a per-chunk maximum and sum of exponentials, merged at the end into the softmax
   normaliser (M_i, sum_j exp(logit_ij - M_i)); the target logit t_i = S_iy psi(cos, theta) comes
-  from the B rows W[y] alone, so the loss is (M_i - t_i) + log(exp(t_i - M_i) + sum), the form
-  log_softmax has.
+  from the B rows W[y] alone, so lse_i = M_i + log(exp(t_i - M_i) + sum). A row whose label is -1
+  (its target lives on another shard) has no target term and a target of 0.
 - backward: each chunk's logits are recomputed from x and W (one more matrix product instead of
   keeping B x C numbers; the last chunk's products are kept from forward, so with C <= chunk_size
   nothing is recomputed), turned into G_ij = g_i p_ij and pushed into du (G W) and dW (G^T u)
@@ -17,15 +18,15 @@ scale, to rounding, but touches the classes ``chunk_size`` at a time:
   applied by hand, so no (C, D) tensor is created besides dW itself.
 - the feature side (normalising x, the target logit with its margin) is a few (B, D) operations:
   it goes through ordinary autograd, rebuilt in backward rather than kept, so that every target
-  transform psi of :class:`~torch_port.engine.MarginConfig` works unchanged.
+  transform psi of :class:`~torch_port.geometry.MarginConfig` works unchanged.
 
 The matrix products are the cost: with n = ceil(C / k) chunks the path does 4n - 1 products of
 (B, D) by (D, k) size where the plain path does 3n (the recomputation is what buys memory
 independent of C). Everything else is a handful of passes over each (B, k) block, the
-exponentials as exp2 (faster than exp on CPU, see _normaliser). Between forward and backward only
-x, W, y, (B,)/(C,) vectors and the last chunk's two (B, k) blocks are kept. The backward is
-once-differentiable. On a GPU the chunk loop never waits for the host; grouping the labels by chunk
-costs one synchronisation per pass. Measurements: benchmarks/RESULTS.md. Derivation:
+exponentials as exp2 (see _normaliser). Between forward and backward only x, W, y, (B,)/(C,)
+vectors and the last chunk's two (B, k) blocks are kept. The backward is once-differentiable. On
+a GPU the chunk loop never waits for the host; grouping the labels by chunk costs one
+synchronisation per pass. Measurements: benchmarks/RESULTS.md. Derivation:
 derivations/09-chunked-margin-ce.md.
 """
 
@@ -38,16 +39,14 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from softmax_common.checks import check_positive, check_positive_int
-from torch_port.engine import NORM_EPS, MarginConfig, _Geometry, _target_logits, unit_rows
+from torch_port.geometry import NORM_EPS, MarginConfig, target_logits, unit_rows
 from torch_port.tensor_checks import compute_dtype
 
 # The memory one chunk's (B, k) block may take, by device; the path works on two such blocks (the
 # products and their exponentials). CPU: 512 KiB (k = 512 at B = 256), so that the pair fits a
-# core's L2 cache while a block is exponentiated and fed to the next product. On the project's
-# 2-core CPU (Zen 5, 1 MiB L2 per core) k = 512 was the fastest or within 1% of it at every shape of
-# the benchmark grid, and up to 7% faster than k = 1024 at C <= 3e4 (see benchmarks/RESULTS.md).
-# GPU: 256 MiB, so that a step is a few dozen chunks of large products rather than thousands of
-# small kernel launches (k = 16384 at B = 4096).
+# core's L2 cache while a block is exponentiated and fed to the next product (the sweep that chose
+# it: benchmarks/RESULTS.md, "Chunk size"). GPU: 256 MiB, so that a step is a few dozen chunks of
+# large products rather than thousands of small kernel launches (k = 16384 at B = 4096).
 CHUNK_BUDGET_BYTES = {"cpu": 2**19, "cuda": 256 * 2**20}
 LOG2E = 1.0 / math.log(2.0)
 MIN_CHUNK = 128
@@ -64,9 +63,8 @@ def chunk_size_for(batch_size: int, num_classes: int, device="cpu", budget_bytes
     pair is kept from forward to backward). Besides them, a chunk uses (k, D) numbers only when W
     is float16/bfloat16 (its rows are upcast one chunk at a time); everything else the path keeps
     is (rows, D), (B, D) or (C,) sized, plus the gradient dW itself. The budget is fixed rather than
-    a fraction of C: with few classes (C = 1e4 at B = 256) k = 256 measured up to 8% slower
-    (more, smaller products) to save about 0.5 MB, and the (B, D) temporaries of the path weigh as
-    much there (benchmarks/RESULTS.md, "Chunk size").
+    a fraction of C: with few classes a smaller k makes more, smaller products for a saving the
+    path's (B, D) temporaries outweigh (benchmarks/RESULTS.md, "Chunk size").
 
     Args:
         batch_size: B >= 1.
@@ -87,32 +85,35 @@ def chunk_size_for(batch_size: int, num_classes: int, device="cpu", budget_bytes
     return int(min(num_classes, max(MIN_CHUNK, budget_bytes // (4 * batch_size))))
 
 
-def chunked_margin_cross_entropy(
+def chunked_lse_and_target(
     x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, config: MarginConfig, chunk_size: int
-) -> torch.Tensor:
-    r"""Per-sample margin cross-entropy (B,), walking the classes in chunks of ``chunk_size``.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The engine's primitive, per row (B,): the log-sum-exp over W's classes and the target logit,
+    walking the classes in chunks of ``chunk_size``.
 
     .. math::
 
-        \ell_i = (M_i - t_i) + \log\Big(e^{t_i - M_i} + \sum_{j \ne y_i} e^{S_{ij} \cos\theta_{ij} - M_i}\Big),
+        \mathrm{lse}_i = M_i + \log\Big([y_i \ne -1]\, e^{t_i - M_i}
+            + \sum_{j \ne y_i} e^{S_{ij} \cos\theta_{ij} - M_i}\Big),
         \qquad t_i = S_{iy_i}\,\psi(\cos\theta_{iy_i}, \theta_{iy_i}),
         \qquad M_i = \max\big(t_i, \max_{j \ne y_i} S_{ij} \cos\theta_{ij}\big)
 
-    The same value and gradients as the plain path (to rounding), with memory O(B k + B D + C)
+    The same values and gradients as the plain path (to rounding), with memory O(B k + B D + C)
     besides the gradients themselves, for every configuration of the engine (fixed or learnable scale,
     feature and weight norms, any target transform). Called by
-    :func:`torch_port.engine.margin_cross_entropy` (``chunk_size=int``), which validates the
-    arguments and disables autocast first.
+    :func:`torch_port.engine.lse_and_target` (``chunk_size=int``), which validates the arguments and
+    disables autocast first.
 
     Args:
         x: features (B, D), already checked by the engine.
         W: class weights (C, D), one row per class; float16/bfloat16 rows are upcast chunk by chunk.
-        y: int64 labels (B,) in [0, C).
+        y: int64 labels (B,) in [-1, C); -1: the row's target is not among these classes (no target
+            term in its log-sum-exp, target 0).
         config: the loss as an engine configuration.
         chunk_size: classes per chunk, an int >= 1 (any value; larger than C means one chunk).
 
     Returns:
-        The per-sample losses (B,) in the compute dtype (float32, or float64 for float64 inputs).
+        ``(lse, target)``, both (B,) in the compute dtype (float32, or float64 for float64 inputs).
 
     References:
         Wijmans et al., "Cut Your Losses in Large-Vocabulary Language Models", ICLR 2025
@@ -120,7 +121,15 @@ def chunked_margin_cross_entropy(
         Milakov & Gimelshein, "Online normalizer calculation for softmax", 2018.
     """
     scale = 1.0 if config.scale is None else config.scale
-    return _ChunkedMarginCE.apply(x, W, scale, y, config, int(chunk_size))
+    return _ChunkedLseAndTarget.apply(x, W, scale, y, config, int(chunk_size))
+
+
+def chunked_margin_cross_entropy(
+    x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, config: MarginConfig, chunk_size: int
+) -> torch.Tensor:
+    """Per-sample margin cross-entropy (B,), lse - t of :func:`chunked_lse_and_target` (labels in [0, C))."""
+    lse, target = chunked_lse_and_target(x, W, y, config, chunk_size)
+    return lse - target
 
 
 def _norm_factors(norms: torch.Tensor, weight_norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,18 +159,20 @@ class _Chunks:
 
     The targets are grouped by chunk once, before the loops (sorting B labels; one host
     synchronisation on a GPU, for the group sizes), so that a chunk touches its targets with one
-    indexed write, or not at all. ``buffer`` hands out flat buffers of B * chunk_size numbers; a
-    chunk's (B, k) block is a view of the first B * k entries (contiguous), so the loops allocate no
-    (B, k) tensor per chunk.
+    indexed write, or not at all; rows whose label is -1 go to a group past the last chunk and are
+    never touched. ``buffer`` hands out flat buffers of B * chunk_size numbers; a chunk's (B, k)
+    block is a view of the first B * k entries (contiguous), so the loops allocate no (B, k) tensor
+    per chunk.
     """
 
     def __init__(self, num_classes: int, y: torch.Tensor, chunk_size: int):
         self.num_classes, self.chunk_size = num_classes, chunk_size
         self.bounds = [(start, min(start + chunk_size, num_classes)) for start in range(0, num_classes, chunk_size)]
-        chunk_of = torch.div(y, chunk_size, rounding_mode="floor")
+        count = len(self.bounds)
+        chunk_of = torch.where(y >= 0, torch.div(y, chunk_size, rounding_mode="floor"), count)
         order = torch.argsort(chunk_of)
         rows, columns = order, (y - chunk_of * chunk_size)[order]
-        counts = torch.bincount(chunk_of, minlength=len(self.bounds)).tolist()
+        counts = torch.bincount(chunk_of, minlength=count + 1).tolist()[:count]
         self.targets, first = [], 0
         for count in counts:
             self.targets.append((rows[first : first + count], columns[first : first + count]) if count else None)
@@ -179,13 +190,16 @@ class _Chunks:
         return [full] * (len(self.bounds) - 1) + [last]
 
 
-def _feature_side(x, w_target, config: MarginConfig, scale):
-    """The (B,)-sized and (B, D)-sized part of the loss, ordinary autograd: the target logits
-    t_i = S_iy psi(cos, theta) from the rows W[y] alone, and the features entering the products,
-    u_i = x_i / max(|x_i|, eps), times |x_i| when the config keeps the feature norm."""
-    rows = _Geometry(x, w_target)
-    target = _target_logits(rows, torch.arange(x.shape[0], device=x.device), dataclasses.replace(config, scale=scale))
-    return target, _products_side(rows.x_hat, rows.x_norm, config)
+def _feature_side(x, w_target, present, config: MarginConfig, scale):
+    """The (B,)-sized and (B, D)-sized part of the primitive, ordinary autograd: the target logits
+    t_i = S_iy psi(cos, theta) from the rows W[y] alone (0 where ``present`` is False), and the
+    features entering the products, u_i = x_i / max(|x_i|, eps), times |x_i| when the config keeps
+    the feature norm."""
+    dtype = compute_dtype(("x", x), ("W", w_target))
+    x_hat, x_norm = unit_rows(x.to(dtype))
+    w_hat, w_norm = unit_rows(w_target.to(dtype))
+    target = target_logits(x_hat, x_norm, w_hat, w_norm, dataclasses.replace(config, scale=scale), present)
+    return target, _products_side(x_hat, x_norm, config)
 
 
 def _products_side(x_hat, x_norm, config: MarginConfig):
@@ -196,26 +210,28 @@ def _row_blocks(x: torch.Tensor) -> list[slice]:
     """The feature side runs a block of rows of the batch at a time: its handful of (B, D)
     temporaries (the rows W[y], unit vectors, their sum and difference, the graph rebuilt in
     backward) then hold at most FEATURE_BLOCK_BYTES each (128 KiB on CPU: 64 rows at D = 512, 256
-    at D = 128). At B = 256, D = 512, C = 1e5 that took the path's peak RSS beyond the gradients
-    from about 9% to about 5% of B*C*4; each block costs some small operations (0.2 ms per block
-    on the project's CPU), hence bytes rather than a fixed row count. On a GPU the budget is 64 MiB
-    (one block for most batches: kernel launches, not bytes, are what a GPU runs short of)."""
+    at D = 128), which lowers the path's peak memory at large D (benchmarks/RESULTS.md). Each
+    block costs a few small operations, hence bytes rather than a fixed row count. On a GPU the
+    budget is 64 MiB (one block for most batches: kernel launches, not bytes, are what a GPU runs
+    short of)."""
     budget = FEATURE_BLOCK_BYTES["cpu" if x.device.type == "cpu" else "cuda"]
     batch, rows = x.shape[0], max(1, budget // (4 * x.shape[1]))
     return [slice(first, min(first + rows, batch)) for first in range(0, batch, rows)]
 
 
-def _targets_and_features(x, W, y, config: MarginConfig, scale, dtype):
+def _targets_and_features(x, W, y, present, config: MarginConfig, scale, dtype):
     """Forward, no graph: the target logits t (B,) and the features u (B, D), row block by row block."""
     target, u = x.new_empty(x.shape[0], dtype=dtype), x.new_empty(x.shape, dtype=dtype)
+    rows_of = y.clamp_min(0)  # a row without a target reads class 0 and masks it out (target_logits)
     for rows in _row_blocks(x):
-        target[rows], u[rows] = _feature_side(x[rows], W[y[rows]], config, scale)
+        target[rows], u[rows] = _feature_side(x[rows], W[rows_of[rows]], present[rows], config, scale)
     return target, u
 
 
 def _normaliser(W, u, target, column, chunks: _Chunks, keep_last: bool):
     """The softmax normaliser over the non-target classes, one product per chunk; ``column`` holds
-    the factors c_j = s h(|W_j|), so that logit_ij = c_j (u_i . W_j).
+    the factors c_j = s h(|W_j|), so that logit_ij = c_j (u_i . W_j); ``target`` is t_i where the
+    row's target is present and -inf where it is not (so that it takes no part in the maxima).
 
     Each chunk c contributes its own maximum m_ic = max(t_i, max_{j in c, j != y_i} logit_ij) and
     sum_{j in c, j != y_i} exp(logit_ij - m_ic); they are merged once at the end (Milakov &
@@ -225,11 +241,11 @@ def _normaliser(W, u, target, column, chunks: _Chunks, keep_last: bool):
     matters in float32: logit - M is exact for the large logits, where a rounded log Z of size ~s
     would cost |log Z| * eps in every probability, and in the backward pass.
 
-    The exponentials are exp2((logit - m) log2(e)): on CPU torch's exp2 runs about 4x faster than its
-    exp (which goes through MKL's vector library there). The factor log2(e) multiplies the
-    difference logit - m, not the logit: its rounding is then relative to the difference (small
-    for the probabilities that matter), where scaling the logits themselves would cost
-    eps |logit| in every exponent (0.06 at logits of 1e6 in float32).
+    The exponentials are exp2((logit - m) log2(e)): on CPU torch's exp2 is several times faster than
+    its exp, which goes through MKL's vector library there (benchmarks/RESULTS.md, "Implementation
+    choices"). The factor log2(e) multiplies the difference logit - m, not the logit: its rounding is
+    then relative to the difference (small for the probabilities that matter), where scaling the
+    logits themselves would cost eps |logit| in every exponent (0.06 at logits of 1e6 in float32).
 
     With ``keep_last`` the two buffers of the last chunk are also returned, the first holding its
     products u W_c^T: the backward pass need not compute them again (for C <= chunk_size: no
@@ -322,21 +338,22 @@ def _backward_chunks(W, u, chunks: _Chunks, h, chain, peak, row_factor, scale, n
     return grad_W, grad_scale
 
 
-class _ChunkedMarginCE(torch.autograd.Function):
-    """loss_i = -log p_iy, forward and backward chunk by chunk; see chunked_margin_cross_entropy."""
+class _ChunkedLseAndTarget(torch.autograd.Function):
+    """(lse_i, t_i), forward and backward chunk by chunk; see chunked_lse_and_target."""
 
     @staticmethod
     def forward(ctx, x, W, scale, y, config: MarginConfig, chunk_size: int):
         scale_value = scale.detach() if isinstance(scale, torch.Tensor) else scale
         dtype = compute_dtype(("x", x), ("W", W))
-        target, u = _targets_and_features(x, W, y, config, scale_value, dtype)
+        present = y >= 0
+        target, u = _targets_and_features(x, W, y, present, config, scale_value, dtype)
         h, chain = _norm_factors(torch.linalg.vector_norm(W, dim=1, dtype=u.dtype), config.weight_norm)
         chunks = _Chunks(W.shape[0], y, chunk_size)
         keep_last = any(ctx.needs_input_grad[:3])
-        peak, others, kept = _normaliser(W, u, target, scale_value * h, chunks, keep_last)
-        total = others + torch.exp(target - peak)
-        # -log p_iy = (M_i - t_i) + log(sum_j exp(logit_ij - M_i)): the same form as log_softmax.
-        loss = (peak - target) + torch.log(total)
+        competing = torch.where(present, target, -math.inf)  # an absent target takes no part
+        peak, others, kept = _normaliser(W, u, competing, scale_value * h, chunks, keep_last)
+        total = others + torch.exp(competing - peak)
+        lse = peak + torch.log(total)
 
         ctx.config, ctx.chunks = config, chunks
         ctx.float_scale = None if isinstance(scale, torch.Tensor) else scale
@@ -347,19 +364,21 @@ class _ChunkedMarginCE(torch.autograd.Function):
         # side is recomputed in backward.
         saved_scale = (scale,) if isinstance(scale, torch.Tensor) else ()
         ctx.save_for_backward(x, W, y, h, chain, peak, total, others, *saved_scale)
-        return loss
+        return lse, target
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_lse, grad_target):
         x, W, y, h, chain, peak, total, others, *saved_scale = ctx.saved_tensors
         kept, ctx.kept = ctx.kept, None  # a second backward (retain_graph=True) recomputes that chunk
         scale = saved_scale[0] if saved_scale else ctx.float_scale
         scale_value = scale.detach() if saved_scale else scale
         need_x, need_W, need_scale = ctx.needs_input_grad[:3]
         config = ctx.config
+        present = y >= 0
+        rows_of = y.clamp_min(0)
         with torch.autocast(device_type=W.device.type, enabled=False):
-            g = grad_loss.to(peak.dtype)
+            g = grad_lse.to(peak.dtype)
             row_factor = g / total
             u = _products_side(*unit_rows(x.detach().to(peak.dtype)), config)
             needs = (need_x, need_W, need_scale)
@@ -370,10 +389,12 @@ class _ChunkedMarginCE(torch.autograd.Function):
                 W, u, ctx.chunks, h, chain, peak, row_factor, scale_value, needs, kept, grad_u
             )
             del u, kept  # freed before the graph below rebuilds it
-            # The small graph of the feature side, rebuilt row block by row block: the target logit's
-            # gradient g_i (p_iy - 1) = -g_i (sum over the other classes) / total (no cancellation
-            # when p_iy ~ 1), and du, go back through it to x, the rows W[y] and the scale.
-            target_cotangent = -g * others / total
+            # The target logit's cotangent: its own, plus the log-sum-exp's through p_iy. Written with
+            # p_iy = 1 - others / total, so that for the cross-entropy (grad_target = -grad_lse) the
+            # first term is exactly 0 and g (p_iy - 1) = -g others / total has no cancellation when
+            # p_iy ~ 1. It and du go back through the small graph of the feature side, rebuilt row
+            # block by row block, to x, the rows W[y] and the scale.
+            target_cotangent = (grad_target.to(peak.dtype) + g) - g * others / total
             grad_x = None
             if need_x:
                 grad_u.mul_(row_factor[:, None])
@@ -382,8 +403,8 @@ class _ChunkedMarginCE(torch.autograd.Function):
             for rows in _row_blocks(x):
                 with torch.enable_grad():
                     x_leaf = x[rows].detach().requires_grad_(need_x)
-                    w_target = W.detach()[y[rows]].requires_grad_(need_W)
-                    target, u = _feature_side(x_leaf, w_target, config, scale_leaf)
+                    w_target = W.detach()[rows_of[rows]].requires_grad_(need_W)
+                    target, u = _feature_side(x_leaf, w_target, present[rows], config, scale_leaf)
                 outputs, cotangents = [target], [target_cotangent[rows]]
                 if need_x:
                     outputs.append(u)
@@ -396,11 +417,12 @@ class _ChunkedMarginCE(torch.autograd.Function):
                 grad_w_target = next(found) if need_W else None
                 grad_scale_target = next(found) if need_scale else None
                 if grad_w_target is not None:
-                    grad_W.index_add_(0, y[rows], grad_w_target.to(grad_W.dtype))
+                    # rows without a target add exact zeros (to class 0's row)
+                    grad_W.index_add_(0, rows_of[rows], grad_w_target.to(grad_W.dtype))
                 if grad_scale_target is not None:
                     grad_scale = grad_scale + grad_scale_target
             grad_scale = grad_scale.to(scale.dtype) if need_scale else None
         return grad_x, grad_W, grad_scale, None, None, None
 
 
-__all__ = ["CHUNK_BUDGET_BYTES", "chunk_size_for", "chunked_margin_cross_entropy"]
+__all__ = ["CHUNK_BUDGET_BYTES", "chunk_size_for", "chunked_lse_and_target", "chunked_margin_cross_entropy"]

@@ -1,112 +1,80 @@
-"""The one engine behind every margin loss of the port.
+r"""The one engine behind every margin loss of the port, and its one primitive.
 
-A margin loss is a configuration (:class:`MarginConfig`): how each logit is scaled, and how the
-target class's cosine is transformed (the margin). The engine turns (x, W, y, config) into logits
-and a cross-entropy:
+Every margin loss is a :class:`~torch_port.geometry.MarginConfig` (torch_port/geometry.py). The
+engine's primitive, :func:`lse_and_target`, returns two numbers per row i of a batch, over the
+classes of the W it is given:
 
-    logit_ij = S_ij * cos(theta_ij)                 for j != y_i
-    logit_iy = S_iy * psi(cos theta_iy, theta_iy)   for the target class
-    S_ij     = s * (|x_i| if feature_norm) * (|W_j| if weight_norm)
+    lse_i    = log( [y_i present] e^{t_i} + sum_{j != y_i} e^{S_ij cos theta_ij} )
+    target_i = t_i = S_iy psi(cos theta_iy, theta_iy)      (0 where y_i = ABSENT = -1)
 
-NormFace, CosFace/AM-Softmax, ArcFace and the combined margin use a fixed s and no norms;
-SphereFace keeps |x_i|; L-Softmax keeps |x_i| |W_j|. Because every loss goes through here, the
-memory-efficient and class-sharded paths serve them all at once.
+A label of -1 says the row's target class is not among these classes (another shard holds it):
+the row's log-sum-exp then runs over all of them, margin-free, and its target is 0. The
+cross-entropy of a row whose target is present is lse_i - t_i (:func:`margin_cross_entropy`). Three
+paths compute or combine the primitive:
 
-Numerics (DESIGN.md): cosines, norms and the softmax are computed in float32 (float64 stays
-float64), with autocast disabled inside, so bfloat16/float16 training never overflows at s = 64.
-The target angle is computed by the half-angle form 2*atan2(|x^ - w^|, |x^ + w^|): exact to
-rounding at the poles, and its gradient is finite everywhere (zero exactly at theta = 0 and pi,
-the cone points where the margin loss has no derivative; see derivations/05-arcface-combined.md).
+- plain (``chunk_size=None``): the (B, C) logits at once, here;
+- chunked (``chunk_size=int``): the classes in chunks, never a (B, C) tensor (torch_port/chunked.py);
+- sharded: each rank calls the primitive on its shard, with the labels of other shards as -1, then
+  the ranks combine the log-sum-exps and sum the targets (torch_port/distributed/loss.py), so each
+  target logit is computed once, by the rank that holds its class.
+
+How later margins fit the primitive (design notes, not implemented here): a margin that changes
+non-target logits from a per-row quantity of the target (CurricularFace's hard negatives compare
+cos theta_ij with cos(theta_iy + m), without gradient through the comparison) gets that quantity
+from the target side; on the sharded path the rank holding the target computes it and one more
+all-reduce of a (B,) tensor hands it to every shard before its log-sum-exp. Several weight rows per
+class (sub-centres) pool their cosines (a max over a class's k rows) before the logits; the chunked
+and sharded paths then cut W at whole classes, and the target side reads the k rows of W[y].
+
+Numerics (docs/design.md): computed in float32 at least (float64 stays float64), autocast disabled
+inside, so bfloat16/float16 training never overflows at s = 64. The plain path's log-sum-exp keeps
+the row maximum out of the exponentials' gradient (softmax = e^{z - M} / sum, never e^{z - lse}), so
+the probabilities carry no rounding of a number of size s. In float32 the value lse - t rounds to
+about ulp(s), the size of the error the float32 logits already carry (s times a cosine's rounding).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from softmax_common.checks import check_reduction
-from torch_port.tensor_checks import (
-    check_chunk_size,
-    check_features_table_labels,
-    compute_dtype,
-    reduce_loss,
+from torch_port.chunked import chunked_lse_and_target
+from torch_port.geometry import (
+    NORM_EPS,
+    Geometry,
+    MarginConfig,
+    TargetFn,
+    target_cos_and_angle,
+    unit_rows,
 )
+from torch_port.tensor_checks import check_chunk_size, check_features_table_labels, reduce_loss
 
-# Normalisation divides by max(|v|, NORM_EPS), as torch.nn.functional.normalize does; the same
-# constant as refimpl.geometry.NORM_EPS.
-NORM_EPS = 1e-12
-
-TargetFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# The label that says "this row's target class is not among the classes given" (lse_and_target).
+ABSENT = -1
 
 
-@dataclass(frozen=True)
-class MarginConfig:
-    """One loss as a configuration of the engine.
+class LseAndTarget(NamedTuple):
+    """Per row: the log-sum-exp over the classes given, and the target logit (0 where absent)."""
 
-    target: psi(cos_y, theta_y) -> the target's transformed cosine, elementwise on (B,) tensors
-        (before scaling). ``None`` means no margin (psi = cos).
-    scale: the fixed scale s (a float, or a 0-d tensor such as a learnable scale); None means 1.
-    feature_norm: multiply logits by |x_i| (SphereFace, L-Softmax).
-    weight_norm: multiply logits by |W_j| (L-Softmax).
+    lse: torch.Tensor
+    target: torch.Tensor
+
+
+def check_inputs(x, W, y=None, *, absent: bool = False):
+    """Validate features (B, D), weights (C, D) and optional labels (B,); returns labels as int64.
+
+    absent: also accept the label -1 (the target is not among W's classes).
     """
-
-    target: TargetFn | None = None
-    scale: float | torch.Tensor | None = None
-    feature_norm: bool = False
-    weight_norm: bool = False
-
-
-def check_inputs(x, W, y=None):
-    """Validate features (B, D), weights (C, D) and optional labels (B,); returns labels as int64."""
-    return check_features_table_labels(x, W, y, "W")
-
-
-def unit_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """rows / max(|row|, NORM_EPS) and the norms |row| as a column, for a 2-D tensor."""
-    norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
-    return rows / norms.clamp_min(NORM_EPS), norms
-
-
-class _Geometry:
-    """Normalised features and weights with their norms, in the compute dtype."""
-
-    def __init__(self, x: torch.Tensor, W: torch.Tensor):
-        dtype = compute_dtype(("x", x), ("W", W))
-        self.x = x.to(dtype)
-        self.W = W.to(dtype)
-        self.x_hat, self.x_norm = unit_rows(self.x)
-        self.w_hat, self.w_norm = unit_rows(self.W)
-
-    def cosines(self) -> torch.Tensor:
-        return self.x_hat @ self.w_hat.T
-
-    def scales(self, config: MarginConfig, rows=None) -> torch.Tensor | float:
-        """S_ij as a broadcastable factor: (B, 1), (1, C) or (B, C); ``rows`` picks W rows (the targets)."""
-        factor: torch.Tensor | float = 1.0 if config.scale is None else config.scale
-        if config.feature_norm:
-            factor = factor * self.x_norm
-        if config.weight_norm:
-            w = self.w_norm.T if rows is None else self.w_norm[rows]
-            factor = factor * w
-        return factor
-
-
-def target_cos_and_angle(x_hat: torch.Tensor, w_hat_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos theta_y and theta_y (both (B,)) from unit features and their own unit class weights."""
-    cos_y = (x_hat * w_hat_y).sum(dim=1)
-    gap = torch.linalg.vector_norm(x_hat - w_hat_y, dim=1)
-    span = torch.linalg.vector_norm(x_hat + w_hat_y, dim=1)
-    return cos_y, 2.0 * torch.atan2(gap, span)
+    return check_features_table_labels(x, W, y, "W", low=ABSENT if absent else 0)
 
 
 def plain_logits(x: torch.Tensor, W: torch.Tensor, config: MarginConfig) -> torch.Tensor:
     """Margin-free logits S_ij * cos theta_ij (B, C): what a head gives at inference."""
     check_inputs(x, W)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        geo = _Geometry(x, W)
+        geo = Geometry(x, W)
         return geo.cosines() * geo.scales(config)
 
 
@@ -114,24 +82,67 @@ def margin_logits(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, config: Mar
     """The (B, C) logits with the target's margin applied, as fed to cross-entropy."""
     y = check_inputs(x, W, y)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return _margin_logits(_Geometry(x, W), y, config)
+        geo = Geometry(x, W)
+        logits = geo.cosines() * geo.scales(config)
+        # scatter, not in-place assignment: the replaced entry's gradient goes to the target path only.
+        return logits.scatter(1, y[:, None], geo.target_logits(y, config)[:, None])
 
 
-def _margin_logits(geo: _Geometry, y: torch.Tensor, config: MarginConfig) -> torch.Tensor:
+def _plain_lse_and_target(x, W, y, config: MarginConfig) -> LseAndTarget:
+    geo = Geometry(x, W)
+    present = y >= 0
+    rows = y.clamp_min(0)  # absent rows read class 0's column and put it back unchanged
     logits = geo.cosines() * geo.scales(config)
-    target = _target_logits(geo, y, config)
-    # scatter, not in-place assignment: the replaced entry's gradient goes to the target path only.
-    return logits.scatter(1, y[:, None], target[:, None])
+    target = geo.target_logits(rows, config, present)
+    kept = logits.gather(1, rows[:, None])[:, 0]
+    logits = logits.scatter(1, rows[:, None], torch.where(present, target, kept)[:, None])
+    # log sum exp with the row maximum held out of the graph: the gradient is e^{z - M} / sum (M
+    # cancels exactly), which keeps M's rounding out of every probability.
+    peak = logits.detach().amax(dim=1, keepdim=True)
+    lse = peak[:, 0] + torch.log(torch.exp(logits - peak).sum(dim=1))
+    return LseAndTarget(lse, target)
 
 
-def _target_logits(geo: _Geometry, y: torch.Tensor, config: MarginConfig) -> torch.Tensor:
-    """S_iy * psi(cos theta_iy, theta_iy), computed from the (B, D) rows W[y] alone."""
-    cos_y, theta_y = target_cos_and_angle(geo.x_hat, geo.w_hat[y])
-    psi = cos_y if config.target is None else config.target(cos_y, theta_y)
-    scale = geo.scales(config, rows=y)
-    if isinstance(scale, torch.Tensor) and scale.dim() == 2:
-        scale = scale[:, 0]
-    return scale * psi
+def lse_and_target(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    y: torch.Tensor,
+    config: MarginConfig,
+    chunk_size: int | None = None,
+    *,
+    validate: bool = True,
+) -> LseAndTarget:
+    r"""The engine's primitive: per row, the log-sum-exp over W's classes and the target logit.
+
+    .. math::
+
+        \mathrm{lse}_i = \log\Big([y_i \ne -1]\, e^{t_i} + \sum_{j \ne y_i} e^{S_{ij}\cos\theta_{ij}}\Big),
+        \qquad t_i = S_{iy_i}\,\psi(\cos\theta_{iy_i}, \theta_{iy_i}) \ (0 \text{ where } y_i = -1)
+
+    The cross-entropy of a row whose target is present is ``lse - target``. Differentiable in x, W
+    and a learnable scale (a 0-d tensor ``config.scale``), in both outputs; a row with y_i = -1 gets
+    no gradient through its target.
+
+    Args:
+        x: features (B, D). W: class weights (C, D), one row per class.
+        y: integer labels (B,) in [-1, C); -1 (``ABSENT``): the row's target is not among these classes.
+        config: the loss.
+        chunk_size: None builds the (B, C) logits at once; an int walks the classes that many at a
+            time and never keeps a (B, C) tensor (torch_port/chunked.py; once-differentiable).
+        validate: check shapes, dtypes, devices and the label range first (reads two numbers back
+            from the device). A caller that has checked them already passes False.
+
+    Returns:
+        ``LseAndTarget(lse, target)``, both (B,) in the compute dtype (float32 for float32 and half
+        inputs, float64 for float64).
+    """
+    if validate:
+        chunk_size = check_chunk_size(chunk_size)
+        y = check_inputs(x, W, y, absent=True)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        if chunk_size is not None:
+            return LseAndTarget(*chunked_lse_and_target(x, W, y, config, chunk_size))
+        return _plain_lse_and_target(x, W, y, config)
 
 
 def margin_cross_entropy(
@@ -142,7 +153,7 @@ def margin_cross_entropy(
     reduction: str = "mean",
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy of the margin logits, reduced over the batch.
+    """Cross-entropy of the margin logits, lse - t per row (:func:`lse_and_target`), reduced over the batch.
 
     chunk_size: None computes the (B, C) logits at once; an int walks the classes in chunks of that
     many and never keeps a (B, C) tensor (the memory-efficient path, torch_port/chunked.py; equal
@@ -151,12 +162,21 @@ def margin_cross_entropy(
     reduction = check_reduction(reduction)
     chunk_size = check_chunk_size(chunk_size)
     y = check_inputs(x, W, y)
-    if chunk_size is not None:
-        # Imported here: torch_port.chunked builds on this module's geometry and target logits.
-        from torch_port.chunked import chunked_margin_cross_entropy
+    lse, target = lse_and_target(x, W, y, config, chunk_size, validate=False)
+    return reduce_loss(lse - target, reduction)
 
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return reduce_loss(chunked_margin_cross_entropy(x, W, y, config, chunk_size), reduction)
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        logits = _margin_logits(_Geometry(x, W), y, config)
-        return reduce_loss(F.cross_entropy(logits, y, reduction="none"), reduction)
+
+__all__ = [
+    "ABSENT",
+    "NORM_EPS",
+    "LseAndTarget",
+    "MarginConfig",
+    "TargetFn",
+    "check_inputs",
+    "lse_and_target",
+    "margin_cross_entropy",
+    "margin_logits",
+    "plain_logits",
+    "target_cos_and_angle",
+    "unit_rows",
+]

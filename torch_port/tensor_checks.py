@@ -47,11 +47,13 @@ def check_same_device(*named: tuple[str, torch.Tensor]) -> None:
         raise ValueError(f"inputs are on different devices ({names})")
 
 
-def check_labels(y, batch: int, num_classes: int, name: str = "y") -> torch.Tensor:
-    """Integer labels of shape (batch,) with values in [0, num_classes).
+def check_labels(y, batch: int, num_classes: int, name: str = "y", low: int = 0) -> torch.Tensor:
+    """Integer labels of shape (batch,) with values in [low, num_classes) (low is 0, or -1 where
+    -1 marks a row whose target is not among the classes).
 
-    The range check reads two numbers back from the device (a synchronisation on GPU); it is the
-    price of a clear error instead of a device-side assert or a silently wrong gather.
+    The range check reads the smallest and largest label back from the device in one transfer (a
+    synchronisation on GPU); it is the price of a clear error instead of a device-side assert or a
+    silently wrong gather.
     """
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of class indices, got {type(y).__name__}")
@@ -59,14 +61,15 @@ def check_labels(y, batch: int, num_classes: int, name: str = "y") -> torch.Tens
         raise TypeError(f"{name} must be an integer tensor of class indices, got dtype {y.dtype}")
     if tuple(y.shape) != (batch,):
         raise ValueError(f"{name} must have shape ({batch},) to match the batch, got {tuple(y.shape)}")
-    low, high = int(y.min()), int(y.max())
-    if low < 0 or high >= num_classes:
-        raise ValueError(f"{name} must lie in [0, {num_classes}), got values in [{low}, {high}]")
+    smallest, largest = torch.stack(torch.aminmax(y)).tolist()
+    if smallest < low or largest >= num_classes:
+        raise ValueError(f"{name} must lie in [{low}, {num_classes}), got values in [{smallest}, {largest}]")
     return y.long()
 
 
-def check_features_table_labels(x, table, y, table_name: str):
-    """Features x (B, D), a per-class table (C, D) (weights W or centers) and optional labels (B,).
+def check_features_table_labels(x, table, y, table_name: str, low: int = 0):
+    """Features x (B, D), a per-class table (C, D) (weights W or centers) and optional labels (B,)
+    in [low, C).
 
     Checks shapes, the dtype rule and devices; returns the labels as int64 (None when y is None).
     """
@@ -80,7 +83,7 @@ def check_features_table_labels(x, table, y, table_name: str):
     check_same_device(("x", x), (table_name, table))
     if y is None:
         return None
-    y = check_labels(y, x.shape[0], table.shape[0])
+    y = check_labels(y, x.shape[0], table.shape[0], low=low)
     check_same_device(("x", x), ("y", y))
     return y
 

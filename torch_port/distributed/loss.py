@@ -1,0 +1,255 @@
+r"""The class-sharded loss: each rank's share of the engine's primitive, combined across ranks.
+
+One training step on every rank (:func:`sharded_margin_cross_entropy`, or
+:class:`~torch_port.distributed.head.ShardedMarginHead`):
+
+1. the ranks exchange their metadata and agree, or all raise the same error (agreement.py);
+2. the features and labels of all ranks are all-gathered: every rank sees the global batch
+   (B = sum of the local batches) in rank order;
+3. each rank calls the engine's primitive :func:`torch_port.engine.lse_and_target` (plain or
+   chunked) on its own classes, with the labels of other shards given as -1: per row, the
+   log-sum-exp a_ri over the shard and, where the row's class is the shard's, its target logit t_i;
+4. the a_ri are combined across ranks (all-reduce of the max, then of the sum of exponentials) into
+   the softmax normaliser, and the target logits are all-reduced (a sum: only the owner of a
+   class contributes a nonzero value), so each target logit is computed once;
+5. backward: each rank's logits receive the softmax probabilities under the global normaliser, so
+   its shard of W gets exactly its rows of the single-process gradient; the gradient of the
+   gathered features is summed across ranks and each rank keeps its own rows.
+
+Host synchronisations per step beyond the collectives: one for the label range check (the smallest
+and largest label in one transfer), one for Partial FC's sampling when ``sample_rate < 1`` (the
+number of positives decides k of top-k), and on the chunked path one per pass to group the labels
+by chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+
+from softmax_common.checks import check_interval, check_positive, check_reduction
+from torch_port.distributed.agreement import check_local, common_metadata, exchange_metadata, shard_range
+from torch_port.distributed.collectives import (
+    all_gather_rows,
+    all_reduce_grad,
+    gather_rows,
+    log_sum_exp_over_ranks,
+    rank_and_world,
+    sum_over_ranks,
+)
+from torch_port.engine import ABSENT, MarginConfig, lse_and_target, plain_logits
+from torch_port.tensor_checks import check_chunk_size, compute_dtype, reduce_loss
+
+
+def sample_classes(y_all, start, end, sample_rate, generator, device) -> torch.Tensor:
+    """Partial FC's negative-class sampling on one shard: local indices of the classes kept (sorted).
+
+    Every class that is the label of some sample in the global batch is kept; the rest of the
+    ``round(sample_rate * shard size)`` places (at least one class) go to negatives drawn uniformly
+    without replacement.
+    """
+    size = end - start
+    owned = (y_all >= start) & (y_all < end)
+    # Mark the positives through an index that sends other shards' labels to a spare slot, rather
+    # than selecting the owned labels (a data-dependent shape: a host synchronisation on GPU).
+    marks = torch.zeros(size + 1, dtype=torch.bool, device=device)
+    marks[torch.where(owned, y_all - start, size)] = True
+    positives = marks[:size]
+    keep = min(size, max(int(positives.sum()), max(1, round(sample_rate * size))))
+    gen_device = generator.device if generator is not None else device
+    scores = torch.rand(size, generator=generator, device=gen_device).to(device)
+    # Positives score above every uniform draw, so top-k always takes them first.
+    scores = torch.where(positives, torch.full_like(scores, 2.0), scores)
+    return torch.topk(scores, keep).indices.sort().values
+
+
+def sharded_loss(
+    x, W, y, config, *, num_classes, reduction, sample_rate, feature_grad_scale, chunk_size, generator, group
+):
+    """The loss and, when sampling, the global indices of the classes this rank kept (else None)."""
+    rank, world = rank_and_world(group)
+    local_error, metadata = None, {}
+    try:
+        reduction = check_reduction(reduction)
+        sample_rate = check_interval(sample_rate, "sample_rate", 0.0, 1.0, low_open=True)
+        feature_grad_scale = check_positive(feature_grad_scale, "feature_grad_scale")
+        chunk_size = check_chunk_size(chunk_size)
+        start, end, y = check_local(x, W, y, config, num_classes, rank, world)
+        metadata = {
+            **common_metadata(x, W, num_classes, config),
+            "reduction": reduction,
+            "sample_rate": sample_rate,
+            "feature_grad_scale": feature_grad_scale,
+            "chunk_size": chunk_size,
+            # Backward runs collectives: every rank must take part in it, or none.
+            "autograd (grad mode, x.requires_grad, W.requires_grad)": (
+                torch.is_grad_enabled(),
+                x.requires_grad,
+                W.requires_grad,
+            ),
+        }
+    except (TypeError, ValueError) as err:
+        local_error = err
+    everyone = exchange_metadata(local_error, metadata, rank, world, group)
+    sizes = [meta["batch"] for meta in everyone]
+
+    dtype = compute_dtype(("x", x), ("W", W))
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x_all = gather_rows(x.to(dtype), sizes, group, feature_grad_scale)
+        y_all = all_gather_rows(y, sizes, group)
+        owned = (y_all >= start) & (y_all < end)
+        labels = torch.where(owned, y_all - start, ABSENT)
+        kept, W_used = None, W
+        if sample_rate < 1.0:
+            kept = sample_classes(y_all, start, end, sample_rate, generator, W.device)
+            column_of = torch.full((end - start,), ABSENT, dtype=torch.long, device=W.device)
+            column_of[kept] = torch.arange(kept.numel(), device=W.device)
+            W_used = W[kept]
+            labels = torch.where(owned, column_of[labels.clamp_min(0)], ABSENT)
+        scale = config.scale
+        if isinstance(scale, torch.Tensor) and scale.requires_grad:
+            # Every rank holds a copy of a learned scale and sees only its classes' share of ds.
+            scale = all_reduce_grad(scale, group, average=False)
+        local_config = dataclasses.replace(config, scale=scale)
+        lse, target = lse_and_target(x_all, W_used, labels, local_config, chunk_size, validate=False)
+        log_normaliser = log_sum_exp_over_ranks(lse, group)
+        target = sum_over_ranks(target, group)
+        per_sample = all_reduce_grad(log_normaliser - target, group, average=True)
+        kept_global = None if kept is None else kept + start
+        return reduce_loss(per_sample, reduction), kept_global
+
+
+def sharded_margin_cross_entropy(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    y: torch.Tensor,
+    config: MarginConfig,
+    *,
+    num_classes: int,
+    reduction: str = "mean",
+    sample_rate: float = 1.0,
+    feature_grad_scale: float = 1.0,
+    chunk_size: int | None = None,
+    generator: torch.Generator | None = None,
+    group=None,
+) -> torch.Tensor:
+    r"""Margin cross-entropy of the global batch with the class weights sharded over the ranks.
+
+    Called on every rank of ``group`` with that rank's batch and shard. With B = sum of the ranks'
+    batches and logits as in :mod:`torch_port.engine`,
+
+    .. math::
+
+        \ell_i = \log \sum_{r=0}^{R-1} \exp a_{ri} - t_i,\qquad
+        a_{ri} = \log\Big(\sum_{j \in \text{shard } r,\ j \ne y_i} e^{S_{ij}\cos\theta_{ij}}
+                 + [y_i \in \text{shard } r]\, e^{t_i}\Big),\qquad
+        t_i = S_{iy_i}\,\psi(\cos\theta_{iy_i}, \theta_{iy_i}),
+
+    which is the single-process margin cross-entropy of the concatenated batch: the loss of the
+    global batch, the same value on every rank, reduced over all B samples. Each rank computes the
+    engine's primitive (:func:`torch_port.engine.lse_and_target`) on its shard, the labels of
+    other shards given as -1, so a_ri is that rank's log-sum-exp and t_i comes from the one rank
+    that holds class y_i (computed once). Every rank must call
+    ``backward`` on the same function of it; then rank r's ``W`` gets its rows of dL/dW and its
+    ``x`` its rows of dL/dx (times ``feature_grad_scale``). A learnable scale (a 0-d tensor in
+    ``config``) gets the whole dL/ds on every rank; tensors captured inside ``config.target`` get
+    only the part of the samples whose label this rank holds (sum them across ranks yourself).
+
+    Negative-class sampling (``sample_rate < 1``, Partial FC): each rank keeps every class that is
+    a label in the global batch plus random other classes of its shard, ``round(sample_rate *
+    shard size)`` classes in all (at least one), and the softmax runs over the kept classes only.
+    This is an approximation of the loss (the normaliser misses the dropped negatives, so the loss
+    is lower than the exact one); dropped rows get a zero gradient. ``sample_rate=1`` is the
+    exact path.
+
+    Args:
+        x: this rank's features (B_r, D), float; batch sizes may differ between ranks.
+        W: this rank's shard of the class weights, ``(end - start, D)`` with
+            ``(start, end) = shard_range(num_classes, world_size, rank)``.
+        y: this rank's integer labels (B_r,) in [0, num_classes) (global class indices).
+        config: the loss as an engine configuration (same on every rank).
+        num_classes: C, the total number of classes, >= the world size.
+        reduction: "mean" (over the global batch), "sum", or "none" (the (B,) losses of the global
+            batch, rank 0's samples first).
+        sample_rate: the share of each shard used, in (0, 1]; 1 is exact.
+        feature_grad_scale: multiplies the gradient that reaches ``x``, > 0. Pass the world size
+            when the network producing ``x`` is wrapped in ``DistributedDataParallel``, which
+            averages its gradients over the ranks: each rank's ``x`` already receives the whole
+            gradient of the global loss, so the average would be R times too small.
+        chunk_size: None for the plain path; an int walks the shard in chunks of that many classes
+            (the memory-efficient path of ``torch_port/chunked.py``).
+        generator: the random generator of the negative sampling (default: torch's global one).
+        group: the process group (default: the world); its timeout bounds every collective here.
+
+    Returns:
+        The loss, in float32 (float64 for float64 inputs), equal on every rank.
+
+    Raises:
+        ValueError, TypeError: on every rank, naming the argument and the rank, when any rank's
+            arguments are invalid or the ranks disagree (feature dimension, dtypes, num_classes,
+            configuration, reduction, ...); raised before any features are exchanged.
+
+    References:
+        An et al., "Partial FC: Training 10 Million Identities on a Single Machine", ICCV 2021
+        Workshops (class-sharded softmax, negative-class sampling).
+    """
+    loss, _ = sharded_loss(
+        x,
+        W,
+        y,
+        config,
+        num_classes=num_classes,
+        reduction=reduction,
+        sample_rate=sample_rate,
+        feature_grad_scale=feature_grad_scale,
+        chunk_size=chunk_size,
+        generator=generator,
+        group=group,
+    )
+    return loss
+
+
+def sharded_logits(x: torch.Tensor, W: torch.Tensor, config: MarginConfig, *, num_classes: int, group=None):
+    r"""Margin-free logits (B_r, C) of this rank's samples over all classes, for inference.
+
+    .. math:: z_{ij} = S_{ij} \cos\theta_{ij}, \qquad j = 0, \dots, C - 1
+
+    Each rank computes the logits of the global batch over its classes; an all-to-all sends every
+    rank the columns of its own rows, so a rank holds B_r x C numbers, never B x C. Computed without
+    autograd (an inference path): the result does not require grad.
+
+    Args:
+        x: this rank's features (B_r, D).
+        W: this rank's shard of the class weights (see :func:`sharded_margin_cross_entropy`).
+        config: the engine configuration; its target transform is ignored (no margin).
+        num_classes: C. group: the process group (default: the world).
+
+    Returns:
+        (B_r, C) logits in the compute dtype, columns in global class order.
+    """
+    rank, world = rank_and_world(group)
+    local_error, metadata = None, {}
+    try:
+        check_local(x, W, None, config, num_classes, rank, world)
+        metadata = common_metadata(x, W, num_classes, config)
+    except (TypeError, ValueError) as err:
+        local_error = err
+    everyone = exchange_metadata(local_error, metadata, rank, world, group)
+    sizes = [meta["batch"] for meta in everyone]
+    widths = [stop - begin for begin, stop in (shard_range(num_classes, world, r) for r in range(world))]
+    with torch.no_grad():
+        dtype = compute_dtype(("x", x), ("W", W))
+        x_all = all_gather_rows(x.to(dtype), sizes, group)
+        mine = plain_logits(x_all, W, dataclasses.replace(config, target=None))
+        # all_to_all needs one column count: pad every shard's columns to the widest shard's.
+        send = mine.new_zeros((mine.shape[0], max(widths)))
+        send[:, : mine.shape[1]] = mine
+        received = send.new_empty((world * sizes[rank], max(widths)))
+        dist.all_to_all_single(received, send, [sizes[rank]] * world, list(sizes), group=group)
+        blocks = received.view(world, sizes[rank], max(widths))
+        return torch.cat([blocks[r, :, : widths[r]] for r in range(world)], dim=1)
+
+
+__all__ = ["sample_classes", "sharded_logits", "sharded_loss", "sharded_margin_cross_entropy"]
