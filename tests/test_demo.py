@@ -1,15 +1,22 @@
-"""The training demo (torch_port/demo.py, python -m torch_port demo): a smoke run, not a timed test.
+"""The training demo (torch_port/demo/, python -m torch_port demo): a smoke run, not a timed test.
 
 One loss, one epoch: the files are written and the table is well formed; two runs with one seed give
 the same table; the metrics agree with closed forms; the IDX reader reads back files written here
-byte by byte; bad options are refused with a clear message before anything is written.
+byte by byte; bad options are refused with a clear message before anything is written. Every entry
+of the loss table builds a head that trains and carries its settings; the package keeps the names the
+single module had, and its modules import neither each other's private names nor each other in a cycle.
 """
 
 from __future__ import annotations
 
+import ast
 import csv
+import graphlib
 import gzip
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -286,3 +293,125 @@ def test_every_loss_has_settings_a_title_and_a_head():
         assert torch.isfinite(head(x, y))
         assert head.logits(x).shape == (5, 10)
         assert tuple(head.weight.shape) == (10, 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# The loss table: one entry per loss, and the views under the old names
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss", demo.LOSSES)
+def test_table_entry_builds_a_head_that_trains(loss):
+    """A scalar, finite loss whose gradient reaches the features and the head's parameters."""
+    torch.manual_seed(0)
+    head = demo.DEMO_LOSSES[loss].build(num_classes=10, dim=2)
+    x = torch.randn(8, 2, requires_grad=True)
+    y = torch.arange(8) % 10
+    value = head(x, y)
+    assert value.shape == () and torch.isfinite(value)
+    value.backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    for name, parameter in head.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+    # the old route (a builder called with the settings dict) builds the same kind of head
+    assert type(demo.HEAD_BUILDERS[loss](10, 2, **demo.DEMO_SETTINGS[loss])) is type(head)
+
+
+@pytest.mark.parametrize("loss", demo.LOSSES)
+def test_table_settings_reach_the_head(loss):
+    head = demo.build_head(loss, num_classes=10, dim=2)
+    for name, value in demo.DEMO_SETTINGS[loss].items():
+        if name == "schedule":
+            for field, expected in value.items():
+                assert getattr(head.schedule, field) == expected, (name, field)
+        else:
+            owner = head if hasattr(head, name) else head.center
+            assert getattr(owner, name) == value, name
+
+
+def test_settings_lines():
+    assert demo.describe_settings("softmax") == "-"
+    assert demo.describe_settings("cosface") == "s=16, m=0.2"
+    assert demo.describe_settings("center") == "alpha=0.5, loss_weight=0.05"
+    assert demo.describe_settings("sphereface") == "m=4, lambda=max(5, 1000(1+0.12t)^-1)"
+    assert demo.describe_settings("lsoftmax") == "m=4, beta=max(0, 1000(1+0.00015t)^-35)"
+
+
+def test_old_names_are_views_of_the_table():
+    table = demo.DEMO_LOSSES
+    assert demo.LOSSES == tuple(table) == tuple(entry.name for entry in table.values())
+    assert list(demo.DEMO_SETTINGS) == list(demo.LOSS_TITLES) == list(demo.HEAD_BUILDERS) == list(demo.LOSSES)
+    for name, entry in table.items():
+        assert demo.DEMO_SETTINGS[name] is entry.settings  # the same dict, so the two cannot drift apart
+        assert demo.LOSS_TITLES[name] == entry.title
+        assert isinstance(demo.DEMO_SETTINGS[name], dict)
+
+
+def test_loss_table_refuses_a_repeated_name():
+    from torch_port.demo.settings import index_losses
+
+    entry = demo.DEMO_LOSSES["softmax"]
+    with pytest.raises(ValueError, match="'softmax' twice"):
+        index_losses((entry, demo.DEMO_LOSSES["cosface"], entry))
+
+
+# ------------------------------------------------------------------------------------------------
+# The package: the old module's names, lazy optional imports, and its modules' imports
+# ------------------------------------------------------------------------------------------------
+
+# every public name torch_port/demo.py had before it became a package
+OLD_MODULE_NAMES = """
+    DEMO_SETTINGS LOSS_TITLES LOSSES HEAD_BUILDERS DEFAULT_EPOCHS BATCH_SIZE LEARNING_RATE WEIGHT_DECAY
+    HIDDEN_SIZES HELD_OUT_FRACTION NUM_THREADS TABLE_COLUMNS DemoData load_digits read_idx load_mnist_idx
+    EmbeddingNet SoftmaxHead SoftmaxCenterHead build_head describe_settings angle_degrees Geometry
+    class_geometry LossResult train_one save_loss_figure save_grid training_note markdown_table write_csv
+    DemoRun run_demo add_arguments run_from_args
+""".split()
+
+DEMO_DIR = Path(demo.__file__).parent
+
+
+def test_package_keeps_the_old_module_names():
+    missing = [name for name in OLD_MODULE_NAMES if not hasattr(demo, name)]
+    assert not missing
+    assert set(OLD_MODULE_NAMES) <= set(demo.__all__)
+    assert all(hasattr(demo, name) for name in demo.__all__)
+
+
+def test_import_loads_no_optional_dependency_and_no_reference():
+    """The parser needs the package; the demo extra is imported only when a run starts."""
+    unwanted = ("sklearn", "matplotlib", "refimpl", "autograd")
+    code = f"import sys, torch_port.demo\nprint([m for m in sys.modules if m.split('.')[0] in {unwanted!r}])"
+    root = DEMO_DIR.parents[1]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert done.stdout.strip() == "[]"
+
+
+def imports_of(path: Path) -> list[tuple[str, list[str]]]:
+    """(module, names) of each import statement in one file; names is empty for a plain import."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.append((node.module, [alias.name for alias in node.names]))
+        elif isinstance(node, ast.Import):
+            found.extend((alias.name, []) for alias in node.names)
+    return found
+
+
+def test_package_modules_import_no_private_names_and_no_cycle():
+    graph: dict[str, set[str]] = {}
+    for path in DEMO_DIR.glob("*.py"):
+        for module, names in imports_of(path):
+            assert module.split(".")[0] not in ("refimpl", "autograd"), f"{path.name} imports {module}"
+            if path.stem == "__init__" or not module.startswith("torch_port.demo"):
+                continue
+            # the package's __init__ imports every module, so a module importing the package is a cycle
+            assert module != "torch_port.demo", f"{path.name} imports the package; import its module instead"
+            private = [name for name in names if name.startswith("_")]
+            assert not private, f"{path.name} imports {private} from {module}"
+        if path.stem != "__init__":
+            graph[path.stem] = {
+                module.rsplit(".", 1)[1] for module, _ in imports_of(path) if module.startswith("torch_port.demo.")
+            }
+    assert {"settings", "data", "model", "metrics", "training", "figures", "report", "cli"} <= set(graph)
+    list(graphlib.TopologicalSorter(graph).static_order())  # raises CycleError on a cycle

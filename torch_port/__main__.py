@@ -1,6 +1,7 @@
 """Command line of the port: ``python -m torch_port demo [options]`` (or the ``softmax-variants`` script).
 
-Only the parser lives here; the demo itself is :mod:`torch_port.demo`.
+Only the top-level parser lives here; the demo itself is the package :mod:`torch_port.demo`, its
+options and their run :mod:`torch_port.demo.cli`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from torch_port import demo
+    from torch_port.demo import cli
 
     parser = argparse.ArgumentParser(
         prog="python -m torch_port",
@@ -26,16 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
             "2-D or 3-D embedding under each loss; write a figure per loss, a grid and a table into --out."
         ),
     )
-    demo.add_arguments(demo_parser)
+    cli.add_arguments(demo_parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from torch_port import demo
+    from torch_port.demo import cli
 
     try:
-        return demo.run_from_args(args)
+        return cli.run_from_args(args)
     except (ValueError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,57 @@
+"""The demo's command line: the options of ``python -m torch_port demo`` and the run they start.
+
+The top-level parser (the ``demo`` sub-command itself) is torch_port/__main__.py's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from torch_port.demo.run import run_demo
+from torch_port.demo.settings import DEFAULT_EPOCHS, LOSSES
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the demo's options to ``parser`` (the ``demo`` sub-command of torch_port/__main__.py)."""
+    parser.add_argument(
+        "--loss",
+        nargs="+",
+        choices=[*LOSSES, "all"],
+        default=["all"],
+        metavar="LOSS",
+        help=f"one or several of: {', '.join(LOSSES)}, all (default: all)",
+    )
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"default {DEFAULT_EPOCHS}")
+    parser.add_argument("--dim", type=int, choices=(2, 3), default=2, help="embedding dimension (default 2)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds split, initialisation and batches (default 0)")
+    parser.add_argument("--device", default="cpu", help="a torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument("--out", default="demo-out", help="output directory (default demo-out)")
+    parser.add_argument(
+        "--data",
+        default=None,
+        metavar="PATH",
+        help="a directory with MNIST IDX files (train-images-idx3-ubyte, ...) to use instead of the digits",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the demo from parsed options, print the table and the files written; returns 0."""
+    started = time.perf_counter()
+    run = run_demo(
+        args.loss,
+        epochs=args.epochs,
+        dim=args.dim,
+        seed=args.seed,
+        device=args.device,
+        out=args.out,
+        data=args.data,
+        progress=not args.no_progress,
+    )
+    print()
+    print(run.table_markdown, end="")
+    print()
+    print(f"wrote {', '.join(str(p) for p in run.files.values())}")
+    print(f"total {time.perf_counter() - started:.1f} s")
+    return 0
