@@ -9,9 +9,7 @@ single module had, and its modules import neither each other's private names nor
 
 from __future__ import annotations
 
-import ast
 import csv
-import graphlib
 import gzip
 import struct
 import subprocess
@@ -385,33 +383,3 @@ def test_import_loads_no_optional_dependency_and_no_reference():
     root = DEMO_DIR.parents[1]
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     assert done.stdout.strip() == "[]"
-
-
-def imports_of(path: Path) -> list[tuple[str, list[str]]]:
-    """(module, names) of each import statement in one file; names is empty for a plain import."""
-    found = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            found.append((node.module, [alias.name for alias in node.names]))
-        elif isinstance(node, ast.Import):
-            found.extend((alias.name, []) for alias in node.names)
-    return found
-
-
-def test_package_modules_import_no_private_names_and_no_cycle():
-    graph: dict[str, set[str]] = {}
-    for path in DEMO_DIR.glob("*.py"):
-        for module, names in imports_of(path):
-            assert module.split(".")[0] not in ("refimpl", "autograd"), f"{path.name} imports {module}"
-            if path.stem == "__init__" or not module.startswith("torch_port.demo"):
-                continue
-            # the package's __init__ imports every module, so a module importing the package is a cycle
-            assert module != "torch_port.demo", f"{path.name} imports the package; import its module instead"
-            private = [name for name in names if name.startswith("_")]
-            assert not private, f"{path.name} imports {private} from {module}"
-        if path.stem != "__init__":
-            graph[path.stem] = {
-                module.rsplit(".", 1)[1] for module, _ in imports_of(path) if module.startswith("torch_port.demo.")
-            }
-    assert {"settings", "data", "model", "metrics", "training", "figures", "report", "cli"} <= set(graph)
-    list(graphlib.TopologicalSorter(graph).static_order())  # raises CycleError on a cycle
