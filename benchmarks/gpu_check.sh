@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of the chunked path (issue 6), prepared as one command for a session that is lent
+# The GPU checks of the chunked path, prepared as one command for a session that is lent
 # an NVIDIA GPU through the device tool. NOT YET RUN: no session so far was lent a GPU.
 #
 # That machine has torch, pytest, hypothesis, numpy and matplotlib, but not autograd (which the

@@ -1,7 +1,7 @@
 """Cosines and angles between features and class weights, for the margin losses.
 
 theta_j is the angle between x_i and W_j. Mathematically theta = arccos(clip(cos, -1, 1)) (the
-numerics policy of DESIGN.md); we evaluate the same function by the half-angle form
+numerics policy, docs/design.md); we evaluate the same function by the half-angle form
 
     theta = 2 * atan2(|x_hat - w_hat|, |x_hat + w_hat|)
 

@@ -241,11 +241,12 @@ def _normaliser(W, u, target, column, chunks: _Chunks, keep_last: bool):
     matters in float32: logit - M is exact for the large logits, where a rounded log Z of size ~s
     would cost |log Z| * eps in every probability, and in the backward pass.
 
-    The exponentials are exp2((logit - m) log2(e)): on CPU torch's exp2 is several times faster than
-    its exp, which goes through MKL's vector library there (benchmarks/RESULTS.md, "Implementation
-    choices"). The factor log2(e) multiplies the difference logit - m, not the logit: its rounding is
-    then relative to the difference (small for the probabilities that matter), where scaling the
-    logits themselves would cost eps |logit| in every exponent (0.06 at logits of 1e6 in float32).
+    The exponentials are exp2((logit - m) log2(e)): on the CPU the benchmarks were tuned on, torch's
+    exp went through MKL's vector library and exp2 was several times faster; on other CPUs the order
+    can reverse (benchmarks/RESULTS.md, "exp or exp2"). The factor log2(e) multiplies the difference
+    logit - m, not the logit: its rounding is then relative to the difference (small for the
+    probabilities that matter), where scaling the logits themselves would cost eps |logit| in every
+    exponent (0.06 at logits of 1e6 in float32).
 
     With ``keep_last`` the two buffers of the last chunk are also returned, the first holding its
     products u W_c^T: the backward pass need not compute them again (for C <= chunk_size: no
