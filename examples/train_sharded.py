@@ -1,6 +1,6 @@
 """Train an embedding network with a class-sharded CosFace head on 2 gloo processes (CPU only).
 
-    python examples/train_sharded.py                       # 2 processes, 12 epochs, ~7 s
+    python examples/train_sharded.py                       # 2 processes, 12 epochs (docs/sharded.md: a run)
     python examples/train_sharded.py --world-size 3 --save /tmp/sharded   # also save a checkpoint
 
 The problem is synthetic face-recognition-like data: ``--classes`` identities (201 by default, so
