@@ -98,12 +98,29 @@ class ShardedRunner:
         self._procs: list[subprocess.Popen] = []
         self._conns: list[mpc.Connection] = []
         self._tmp: tempfile.TemporaryDirectory | None = None
+        self._pending: ShardedCall | None = None
         self.starts = 0  # how many groups were started (a restart after a failure adds one)
 
     # --- the test process's side ---
 
     def run(self, call: ShardedCall) -> ShardedResult:
-        per_rank = self.request(("call", call))
+        self.submit(call)
+        return self.result()
+
+    def submit(self, call: ShardedCall) -> None:
+        """Start ``call`` on every rank and return at once; :meth:`result` waits for it. The test
+        process can compute the reference meanwhile (the ranks spend most of a call waiting on
+        their collectives). One call at a time: a call left uncollected is collected and dropped."""
+        if self._pending is not None:  # the test that submitted it failed before collecting it
+            with contextlib.suppress(ShardedRunError):
+                self.result()
+        self.send(("call", call))
+        self._pending = call
+
+    def result(self) -> ShardedResult:
+        call, self._pending = self._pending, None
+        assert call is not None, "no call was submitted"
+        per_rank = self.receive()
         loss = per_rank[0]["loss"]
         for rank, got in enumerate(per_rank[1:], start=1):
             # The loss is the global batch's, all-reduced: the same number on every rank.
@@ -118,11 +135,18 @@ class ShardedRunner:
 
     def request(self, message: tuple) -> list[Any]:
         """Send ``message`` to every rank and return their answers in rank order."""
+        self.send(message)
+        return self.receive()
+
+    def send(self, message: tuple) -> None:
         if not self._procs:
             self._start()
         for conn in self._conns:
             conn.send(message)
-        answers = [self._receive(rank, time.monotonic() + self.call_timeout) for rank in range(self.world)]
+
+    def receive(self) -> list[Any]:
+        deadline = time.monotonic() + self.call_timeout
+        answers = [self._receive(rank, deadline) for rank in range(self.world)]
         failed = [(rank, answer) for rank, answer in enumerate(answers) if answer[0] != "ok"]
         if failed:
             # A rank that raised may have left the other one waiting in a collective: start afresh.
@@ -197,7 +221,7 @@ class ShardedRunner:
                 proc.wait()
         for conn in self._conns:
             conn.close()
-        self._procs, self._conns = [], []
+        self._procs, self._conns, self._pending = [], [], None
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
