@@ -75,14 +75,13 @@ class ShardedCall:
 
 @dataclass
 class ShardedResult:
-    """The loss (as every rank returned it) and the gradients reassembled from the ranks, all as
-    float64 NumPy arrays (exact: the values came in float64/32 or a half dtype), with the torch
-    dtypes they had."""
+    """The loss (as every rank returned it; its torch dtype) and the gradients of x and W
+    reassembled from the ranks, as float64 NumPy arrays (exact: the values were float64, float32 or
+    a half dtype)."""
 
     loss: np.ndarray
     loss_dtype: str
     grads: dict[str, np.ndarray]
-    grad_dtypes: dict[str, str]
 
 
 class ShardedRunError(AssertionError):
@@ -109,8 +108,8 @@ class ShardedRunner:
 
     def submit(self, call: ShardedCall) -> None:
         """Start ``call`` on every rank and return at once; :meth:`result` waits for it. The test
-        process can compute the reference meanwhile (the ranks spend most of a call waiting on
-        their collectives). One call at a time: a call left uncollected is collected and dropped."""
+        process can compute the reference meanwhile (on a machine with a core to spare for it, the
+        two overlap). One call at a time: a call left uncollected is collected and dropped."""
         if self._pending is not None:  # the test that submitted it failed before collecting it
             with contextlib.suppress(ShardedRunError):
                 self.result()
@@ -126,12 +125,12 @@ class ShardedRunner:
             # The loss is the global batch's, all-reduced: the same number on every rank.
             if not np.array_equal(got["loss"], loss, equal_nan=True):
                 raise ShardedRunError(f"rank {rank}'s loss {got['loss']} differs from rank 0's {loss}")
-        grads, grad_dtypes = {}, {}
+        grads = {}
         if call.cotangent is not None:
+            # rank r holds rows [offset_r, offset_r + B_r) of x and rows shard_range(C, R, r) of W
             for name in ("x", "W"):
                 grads[name] = np.concatenate([got["grads"][name] for got in per_rank])
-                grad_dtypes[name] = per_rank[0]["grad_dtypes"][name]
-        return ShardedResult(loss, per_rank[0]["loss_dtype"], grads, grad_dtypes)
+        return ShardedResult(loss, per_rank[0]["loss_dtype"], grads)
 
     def request(self, message: tuple) -> list[Any]:
         """Send ``message`` to every rank and return their answers in rank order."""
@@ -259,7 +258,6 @@ def _compute(call: ShardedCall, rank: int, world: int) -> dict:
         weights = torch.tensor(call.cotangent, dtype=loss.dtype)
         gx, gW = torch.autograd.grad((loss * weights).sum(), (x, W))
         out["grads"] = {"x": gx.double().numpy(), "W": gW.double().numpy()}
-        out["grad_dtypes"] = {"x": str(gx.dtype).removeprefix("torch."), "W": str(gW.dtype).removeprefix("torch.")}
     return out
 
 

@@ -112,7 +112,7 @@ def _start_port(record, sample: Sample, dtype: str, reduction=None, autocast_dty
         return _start_sharded(record, sample, dtype, reduction, autocast_dtype, runner)
     tensors = sample.torch_tensors(dtype, requires_grad=True)
     extra = _extra(reduction)
-    chunk_size = path.chunk_size(sample.tensors["W"].shape[0]) if path.chunk else None
+    chunk_size = path.chunk_size(sample.tensors["W"].shape[0])
     if chunk_size is not None:
         extra["chunk_size"] = chunk_size
     with _autocast(autocast_dtype):

@@ -1,10 +1,21 @@
-"""Tolerances, one table per dtype, for forward values and for gradients.
+"""Every tolerance of the tests: per-dtype tables and the named comparators.
 
-``dtype`` here is the dtype of the inputs given to the port. The port computes float16 and bfloat16
-inputs in float32, so their rows are float32's: the suites compare the port against the float64
-reference evaluated at the *same rounded inputs*, so input rounding is not charged to the loss. A
-comparison passes when |port - reference| <= atol * scale + rtol * |reference| elementwise, where
-scale = max(1, max |reference|) keeps absolute slack proportional to the size of the values.
+Against the float64 reference (the shared suites, the family tests): ``FORWARD`` and ``GRADIENT``,
+one table per dtype, overridable per record, compared by ``assert_close``. ``dtype`` here is the
+dtype of the inputs given to the port. The port computes float16 and bfloat16 inputs in float32, so
+their rows are float32's: the suites compare the port against the float64 reference evaluated at
+the *same rounded inputs*, so input rounding is not charged to the loss. A comparison passes when
+|port - reference| <= atol * scale + rtol * |reference| elementwise, where scale = max(1, max
+|reference|) keeps absolute slack proportional to the size of the values.
+
+Path against path (chunked or sharded against plain, sharded against the single-process engine):
+``PATH_AGREEMENT``; ``for_rounded_gradient`` for a gradient that reaches a half-precision input.
+
+A path other than the plain one, in float32 or half precision, against the float64 truth:
+``assert_no_farther_than_plain`` (within the table of the truth, or no farther from it than a small
+multiple of the plain float32 path's own error, plus ``float32_noise_floor``), widened for half
+inputs by ``half_partial_gradients_floor`` (a known behaviour of the port's chunked and sharded
+paths, described there).
 """
 
 from __future__ import annotations
