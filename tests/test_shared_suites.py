@@ -112,9 +112,8 @@ def _start_port(record, sample: Sample, dtype: str, reduction=None, autocast_dty
         return _start_sharded(record, sample, dtype, reduction, autocast_dtype, runner)
     tensors = sample.torch_tensors(dtype, requires_grad=True)
     extra = _extra(reduction)
-    chunk_size = path.chunk_size(sample.tensors["W"].shape[0])
-    if chunk_size is not None:
-        extra["chunk_size"] = chunk_size
+    if path.chunk is not None:  # only margin losses (which have W) run on the chunked paths
+        extra["chunk_size"] = path.chunk_size(sample.tensors["W"].shape[0])
     with _autocast(autocast_dtype):
         out = record.port(**sample.torch_args(tensors, **extra))
     w = torch.tensor(_weights(tuple(out.shape)), dtype=out.dtype)
