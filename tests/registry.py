@@ -5,7 +5,10 @@ hyperparameters, edge cases, error inputs, tolerance overrides, skips with their
 ``tests/records/<family>.py``; this module lists them all. Adding a loss = adding one
 ``LossRecord`` to its family's ``RECORDS``. ``tests/test_shared_suites.py`` runs every suite over
 every record: forward agreement, gradient agreement (three ways), reductions, stability (extreme
-and degenerate inputs, half precision, autocast) and error inputs.
+and degenerate inputs, half precision, autocast) and error inputs. A margin loss record also lists
+the paths of tests/paths.py (chunked with k = 1, 3, > C; sharded over 2 gloo ranks) and carries its
+engine configuration and head, so the forward, gradient and stability suites run it on every path,
+and tests/test_chunked.py and tests/test_distributed.py take their losses from it.
 """
 
 from __future__ import annotations

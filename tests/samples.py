@@ -73,7 +73,7 @@ class ErrorSample:
 
 @dataclass(frozen=True)
 class LossRecord:
-    """Everything the shared suites need to know about one function.
+    """Everything the tests need to know about one function.
 
     name: the function's name in both ``refimpl`` and ``torch_port.functional``.
     reference, port: the two implementations.
@@ -83,6 +83,17 @@ class LossRecord:
     reductions: the reductions the function takes; () for functions without ``reduction``.
     tolerances: overrides of tests/tolerances.py, keyed by (kind, dtype).
     skips: suite name -> the reason that suite does not apply.
+
+    For the margin losses, which the engine computes on more than one path:
+
+    paths: the routes of tests/paths.py the shared suites run this function on ("plain" is the
+        port called as it is; the chunked and sharded paths need ``config``).
+    config: a sample's hyperparameters (``Sample.kwargs``) -> the engine's ``MarginConfig`` of the
+        same loss, from the port's ``*_config`` builders (the sharded path and engine tests use it).
+    head: ``head(kwargs, num_classes, dim, **options)`` -> the nn.Module head of the same loss with
+        those hyperparameters (options: reduction, chunk_size, dtype, and head-specific ones).
+    defaults: hyperparameters for tests that need one fixed configuration of the loss (the papers'
+        values, as DESIGN.md lists them).
     """
 
     name: str
@@ -94,6 +105,10 @@ class LossRecord:
     reductions: tuple[str, ...] = ("mean", "sum", "none")
     tolerances: dict[tuple[str, str], Any] = field(default_factory=dict)
     skips: dict[str, str] = field(default_factory=dict)
+    paths: tuple[str, ...] = ("plain",)
+    config: Callable[[dict[str, Any]], Any] | None = None
+    head: Callable[..., Any] | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return self.name

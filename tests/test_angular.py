@@ -25,7 +25,7 @@ import refimpl
 import torch_port.functional as tpf
 from tests import strategies as S
 from tests.impls import IMPLS, call, grad_first
-from tests.records.angular import annealing_weights, features_weights_labels, margins, off_branch_boundaries
+from tests.records.angular import annealing_weights, features_weights_labels, margins
 from tests.tolerances import Tol, assert_close
 from torch_port import LSoftmax, MarginSchedule, SphereFace
 
@@ -476,18 +476,3 @@ def test_head_dtype_device_and_autocast_contract(loss, dtype, device):
     assert under_autocast.dtype == torch.float32
     assert torch.allclose(under_autocast, head(x32, y), rtol=1e-6, atol=1e-6)
     assert head.logits(x32).dtype == torch.float32
-
-
-@given(sample=features_weights_labels(), m=margins())
-@settings(max_examples=10)
-def test_sample_filter_only_removes_points_near_branch_boundaries(sample, m):
-    """The registry's strategy drops samples near k boundaries for finite differences only: check
-    the filter is as narrow as claimed (a boundary point is rejected, one 0.01 rad away is kept)."""
-    W = sample[1]
-    edge = math.pi / m if m > 1 else 0.3
-    on_edge = np.array([[math.cos(edge), math.sin(edge)] + [0.0] * (W.shape[1] - 2)])
-    w0 = np.zeros((1, W.shape[1]))
-    w0[0, 0] = 2.0
-    assert off_branch_boundaries(on_edge, w0, np.array([0]), m) == (m == 1)
-    moved = np.array([[math.cos(edge + 0.01), math.sin(edge + 0.01)] + [0.0] * (W.shape[1] - 2)])
-    assert off_branch_boundaries(moved, w0, np.array([0]), m)

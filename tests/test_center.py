@@ -5,8 +5,8 @@ Expected values come from routes independent of both implementations: explicit P
 the batch and the classes, closed-form gradients, and the geometric reading of the rule (a damped
 step towards the class mean of the batch).
 
-About "alpha = 0 changes nothing": the public functions accept alpha in (0, 1] only (the issue's
-bad-input rule), so alpha = 0 is a ValueError that leaves the centers untouched. The property itself
+About "alpha = 0 changes nothing": the public functions accept alpha in (0, 1] only (bad input is
+refused with a clear error), so alpha = 0 is a ValueError that leaves the centers untouched. The property itself
 is checked through the rule's linearity in alpha: update(alpha) - c = alpha * (update(1) - c) for
 every alpha, so the move vanishes linearly as alpha -> 0.
 """

@@ -1,66 +1,79 @@
-"""The memory-efficient (chunked) path of the margin engine against the plain path.
+"""The memory-efficient (chunked) path of the margin engine: what is specific to it.
 
-The plain path (``chunk_size=None``) builds the (B, C) logits and calls ``F.cross_entropy``; it is
-itself checked against the float64 reference by the shared suites. The chunked path
-(torch_port/chunked.py) must give the same loss and the same gradients for x, W and a learnable
-scale, for every engine configuration, every reduction, any chunk size (dividing C or not, larger
-than C, one class at a time) and any label layout (all labels in one chunk included).
+The chunked path's agreement with the float64 reference (values, gradients, edge cases, half
+precision, autocast) for every margin loss of the registry, at chunk sizes 1, 3 and > C, is a path
+of the shared suites (tests/test_shared_suites.py, tests/paths.py). Here, with the losses taken from
+the registry (a margin record's ``config`` of its hyperparameters, its ``head``):
 
-"Equal" means, in float64: |chunked - plain| <= rtol * (max(1, max |plain|) + |plain|) elementwise,
-the max over each compared tensor, rtol = 1e-10; in float32: the same bound with rtol = 1e-5
-around the float64 truth, widened by 4x the float32 plain path's own distance from that truth
-(where a gradient cancels to ~0, no float32 computation is within 1e-5 of it relatively).
-Finite differences (gradcheck) give a third, independent route for the gradients. Further: the
-stability cases of the plain path (cos = +-1, zero features and weights, s = 64 with large
-features, half precision, autocast), a structural check that no (B, C)-sized tensor is ever
-produced, and the argument checks.
+- the chunked path equals the plain path (``chunk_size=None``) over more classes and chunk sizes
+  than the registry's samples hold (C up to 40, any chunk size, every label inside one chunk), with
+  a learnable scale (a record's configuration whose ``scale`` is a 0-d tensor leaf), whose gradient
+  is also checked against central differences on the chunked path;
+- its structure: no (B, C) tensor (a dispatch probe, with the plain path as positive control),
+  4n - 1 matrix products per step, repeated backward bit-identical, inputs untouched, an in-place
+  change of W between forward and backward caught, partial gradients and no_grad, batches larger
+  than a feature block, bit-identical results under autocast;
+- the heads pass chunk_size through; the chunk_size checks; chunk_size_for; every device present;
+  the rounding of a large problem.
+
+Comparisons (tests/tolerances.py): in float64 chunked == plain to PATH_AGREEMENT (1e-10, relative to
+each element and to the tensor's largest, at least 1); in float32 the chunked result must be no
+farther from the float64 truth than the plain float32 path allows (``assert_no_farther_than_plain``
+with PATH_AGREEMENT's 1e-5 and the float32 noise floor).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import torch_port.functional as tpf
 from tests import strategies as S
 from tests.dispatch_probe import OpProbe
-from tests.tolerances import Tol, assert_close
-from torch_port import AMSoftmax, ArcFace, CombinedMargin, CosFace, LSoftmax, NormFace, SphereFace
-from torch_port.chunked import CHUNK_BUDGET_BYTES, FEATURE_BLOCK_BYTES, MIN_CHUNK, chunk_size_for
+from tests.registry import BY_NAME, RECORDS
+from tests.tolerances import (
+    PATH_AGREEMENT,
+    Tol,
+    assert_close,
+    assert_no_farther_than_plain,
+    float32_noise_floor,
+)
+from torch_port.chunked import FEATURE_BLOCK_BYTES, MIN_CHUNK, chunk_size_for
 from torch_port.engine import MarginConfig, margin_cross_entropy
 
-RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+# Every margin loss of the registry: the records the engine computes (they have a configuration).
+MARGIN_RECORDS = [record for record in RECORDS if record.config is not None]
 BOUND = 3.0  # feature and weight entries; D <= 6, so |x|, |W_j| <= 7.4
-MIN_NORM = 0.25  # drawn rows are kept away from the origin (zero rows are edge cases below)
+MIN_NORM = 0.25  # drawn rows are kept away from the origin (zero rows are edge cases of the records)
+DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32"}
 
 
-def _arcface_target(m):
-    return lambda cos_y, theta_y: torch.cos(theta_y + m)
+def default_config(name: str) -> MarginConfig:
+    """The engine configuration of a registry loss at its defaults (the papers' hyperparameters)."""
+    record = BY_NAME[name]
+    return record.config(record.defaults)
 
 
-# Engine configurations, one per kind of loss; the scale is supplied by the test.
-CONFIGS = {
-    "normface": lambda s: MarginConfig(scale=s),
-    "cosface": lambda s: MarginConfig(target=lambda c, t: c - 0.35, scale=s),
-    "arcface": lambda s: MarginConfig(target=_arcface_target(0.5), scale=s),
-    "combined": lambda s: MarginConfig(target=lambda c, t: torch.cos(0.9 * t + 0.3) - 0.2, scale=s),
-    "sphereface-like": lambda s: MarginConfig(target=lambda c, t: torch.cos(2.0 * t), scale=s, feature_norm=True),
-    "lsoftmax-like": lambda s: MarginConfig(
-        target=lambda c, t: torch.cos(2.0 * t) - 0.5, scale=s, feature_norm=True, weight_norm=True
-    ),
-}
+def with_learnable_scale(config: MarginConfig, value: float, dtype=torch.float64, device="cpu") -> MarginConfig:
+    """The same loss with a learnable scale: ``scale`` a 0-d tensor (a fresh leaf is made of it by
+    ``loss_and_grads``). For the L-Softmax and SphereFace configurations, which have no scale, this
+    multiplies every logit by it: a loss of the engine, if not of a paper."""
+    return dataclasses.replace(config, scale=torch.tensor(value, dtype=dtype, device=device))
 
 
 def assert_matches(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str) -> None:
-    """The project's comparison (tests/tolerances.py) with rtol = atol: relative to each element and
-    to the compared tensor's largest element (at least 1), so gradients that cancel to rounding
-    noise are compared at the scale of the problem, not at the scale of the noise."""
+    """tests/tolerances.py's comparison with rtol = atol: relative to each element and to the
+    compared tensor's largest element (at least 1), so gradients that cancel to rounding noise are
+    compared at the scale of the problem, not at the scale of the noise."""
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
     assert torch.isfinite(actual).all(), f"{what}: non-finite values {actual}"
-    assert_close(actual.detach().double().numpy(), expected.detach().double().numpy(), Tol(rtol, rtol), what)
+    assert_close(
+        actual.detach().double().cpu().numpy(), expected.detach().double().cpu().numpy(), Tol(rtol, rtol), what
+    )
 
 
 def loss_and_grads(x, W, y, config, reduction, chunk_size, cotangent=None):
@@ -70,60 +83,47 @@ def loss_and_grads(x, W, y, config, reduction, chunk_size, cotangent=None):
     leaves = [x, W]
     if isinstance(config.scale, torch.Tensor):
         scale = config.scale.detach().clone().requires_grad_()
-        config = MarginConfig(config.target, scale, config.feature_norm, config.weight_norm)
+        config = dataclasses.replace(config, scale=scale)
         leaves.append(scale)
     loss = margin_cross_entropy(x, W, y, config, reduction, chunk_size=chunk_size)
     weighted = loss if cotangent is None else loss * cotangent
     return loss.detach(), torch.autograd.grad(weighted.sum(), leaves)
 
 
-def _float32_noise_floor(x, W, config, reduction, cotangent) -> float:
-    """16 float32 ulps of the largest intermediate a gradient is a difference of: the logit scale
-    s (times |x| and |W| where the config keeps them) times the total upstream weight, over the
-    smallest row norm (normalising a row divides its gradient by its norm). A gradient that is
-    exactly 0 in truth (D = 1: a loss of x / |x| is flat in x) comes out as rounding noise of
-    that size in float32 on any route; the plain path lands on 0 by luck of its roundings."""
-    scale = abs(float(config.scale))
-    if config.feature_norm:
-        scale *= float(x.double().norm(dim=1).max())
-    if config.weight_norm:
-        scale *= float(W.double().norm(dim=1).max())
-    weight = float(cotangent.abs().sum()) if cotangent is not None else (1.0 if reduction == "mean" else x.shape[0])
-    norms = torch.cat([x.double().norm(dim=1), W.double().norm(dim=1)])
-    smallest = max(float(norms[norms > 0].min()) if bool((norms > 0).any()) else 1.0, MIN_NORM)
-    return 16 * torch.finfo(torch.float32).eps * scale * weight / min(1.0, smallest)
+def _upstream(x, reduction, cotangent) -> float:
+    if cotangent is not None:
+        return float(cotangent.abs().sum())
+    return 1.0 if reduction == "mean" else float(x.shape[0])
 
 
 def assert_paths_agree(x, W, y, config, reduction, chunk_size, cotangent=None):
-    """float64: chunked == plain to 1e-10. float32: chunked is within 1e-5 of the float64 truth, or
-    at least no farther from it than 4x the float32 plain path's own error (where the exact value
-    cancels to ~0, e.g. dx of a loss flat in x, no float32 route gets a relative error of 1e-5),
-    plus the float32 noise floor of the problem's intermediates (_float32_noise_floor; found by the
-    thorough profile: D = 1, dx exactly 0, plain float32 0 by luck, chunked 1.5e-5 = 1 ulp of s/|x|)."""
+    """float64: chunked == plain to PATH_AGREEMENT. float32: chunked no farther from the float64
+    truth (the plain path in float64) than the plain float32 path allows."""
     plain_loss, plain_grads = loss_and_grads(x, W, y, config, reduction, None, cotangent)
     loss, grads = loss_and_grads(x, W, y, config, reduction, chunk_size, cotangent)
     got, plain = (loss, *grads), (plain_loss, *plain_grads)
     names = ("loss", "dx", "dW", "ds")
     if x.dtype == torch.float64:
         for name, a, b in zip(names, got, plain):
-            assert_matches(a, b, RTOL[torch.float64], name)
+            assert_matches(a, b, PATH_AGREEMENT["float64"].rtol, name)
         return
     scale = config.scale.double() if isinstance(config.scale, torch.Tensor) else config.scale
-    config64 = MarginConfig(config.target, scale, config.feature_norm, config.weight_norm)
+    config64 = dataclasses.replace(config, scale=scale)
     cotangent64 = None if cotangent is None else cotangent.double()
     truth_loss, truth_grads = loss_and_grads(x.double(), W.double(), y, config64, reduction, None, cotangent64)
-    floor = _float32_noise_floor(x, W, config, reduction, cotangent)
+    x_np, W_np = x.double().cpu().numpy(), W.double().cpu().numpy()
+    upstream = _upstream(x, reduction, cotangent)
+    floors = {name: float32_noise_floor(config, x_np, W_np, upstream, wrt) for name, wrt in (("dx", "x"), ("dW", "W"))}
+    floors["loss"], floors["ds"] = 0.0, max(floors["dx"], floors["dW"])
     for name, a, b, truth in zip(names, got, plain, (truth_loss, *truth_grads)):
         assert a.dtype == b.dtype, f"{name}: dtype {a.dtype} != {b.dtype}"
-        assert torch.isfinite(a).all(), f"{name}: non-finite values {a}"
-        a, b, truth = a.double(), b.double(), truth.double()
-        rtol = RTOL[torch.float32]
-        allowed = rtol * (max(1.0, float(truth.abs().max())) + truth.abs()) + 4 * float((b - truth).abs().max())
-        allowed = allowed + (floor if name != "loss" else 0.0)
-        err = (a - truth).abs()
-        assert (err <= allowed).all(), (
-            f"{name}: chunked float32 is {float(err.max()):.3g} from the float64 truth, plain float32 "
-            f"{float((b - truth).abs().max()):.3g}"
+        assert_no_farther_than_plain(
+            a.double().cpu().numpy(),
+            b.double().cpu().numpy(),
+            truth.double().cpu().numpy(),
+            PATH_AGREEMENT["float32"],
+            floors[name],
+            f"chunked float32 {name}",
         )
 
 
@@ -150,124 +150,60 @@ def problems(draw, max_classes: int = 40):
     return x, W, y, chunk
 
 
+@pytest.mark.parametrize("record", MARGIN_RECORDS, ids=str)
 @given(
+    data=st.data(),
     problem=problems(),
-    kind=st.sampled_from(sorted(CONFIGS)),
     dtype=st.sampled_from([torch.float64, torch.float32]),
     reduction=st.sampled_from(["mean", "sum", "none"]),
-    scale=S.finite_floats(1.0, 64.0),
     learnable=st.booleans(),
 )
-def test_chunked_equals_plain(problem, kind, dtype, reduction, scale, learnable):
+def test_chunked_equals_plain(record, data, problem, dtype, reduction, learnable):
+    """Any chunk size (dividing C or not, above C, one class at a time), any label layout, the
+    record's hyperparameters drawn over their range, a fixed or a learnable scale."""
     x, W, y, chunk = problem
     x, W, y = torch.tensor(x, dtype=dtype), torch.tensor(W, dtype=dtype), torch.tensor(y)
-    config = CONFIGS[kind](torch.tensor(scale, dtype=dtype) if learnable else scale)
+    config = record.config(data.draw(record.samples, label="hyperparameters").kwargs)
+    if learnable:
+        config = with_learnable_scale(config, data.draw(S.finite_floats(1.0, 64.0), label="scale"), dtype)
     # Non-uniform upstream gradients for "none": the backward may not assume a mean.
     cotangent = torch.linspace(0.5, 1.5, x.shape[0], dtype=dtype) if reduction == "none" else None
     assert_paths_agree(x, W, y, config, reduction, chunk, cotangent)
 
 
-@settings(max_examples=10)
-@given(problem=problems(max_classes=12), kind=st.sampled_from(sorted(CONFIGS)))
-def test_chunked_gradients_match_finite_differences(problem, kind):
-    """A route independent of both paths: central differences on x, W and a learnable scale.
-
-    Away from the cone points theta_y = 0 and pi (where the margins have a kink and the engine's
-    gradient is a convention, checked against the plain path above, not a derivative)."""
-    x, W, y, chunk = problem
-    target_rows = W[y]
-    cos_y = np.sum(x * target_rows, axis=1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(target_rows, axis=1))
-    assume(np.all(np.abs(cos_y) < 1 - 1e-6))
-    y = torch.tensor(y)
-    config = CONFIGS[kind](1.0)
+@pytest.mark.parametrize("record", MARGIN_RECORDS, ids=str)
+@settings(max_examples=10)  # gradcheck: two chunked evaluations per input element, 7 records
+@given(data=st.data())
+def test_learnable_scale_gradient_matches_finite_differences(record, data):
+    """A route independent of both paths for a learnable scale (and x, W with it): central
+    differences of the chunked loss, on the record's samples (which keep every target angle away
+    from the cone points and the jumps of psi, where the loss has no derivative)."""
+    sample = data.draw(record.samples, label="sample")
+    classes = sample.tensors["W"].shape[0]
+    chunk = data.draw(st.integers(1, classes + 1), label="chunk_size")
+    config = record.config(sample.kwargs)
+    start = 1.0 if config.scale is None else float(config.scale)
+    y = torch.as_tensor(sample.labels["y"])
 
     def loss(x, W, s):
-        cfg = MarginConfig(config.target, s, config.feature_norm, config.weight_norm)
-        return margin_cross_entropy(x, W, y, cfg, "none", chunk_size=chunk)
+        return margin_cross_entropy(x, W, y, dataclasses.replace(config, scale=s), "none", chunk_size=chunk)
 
     inputs = (
-        torch.tensor(x, requires_grad=True),
-        torch.tensor(W, requires_grad=True),
-        torch.tensor(3.0, dtype=torch.float64, requires_grad=True),
+        torch.tensor(sample.tensors["x"], requires_grad=True),
+        torch.tensor(sample.tensors["W"], requires_grad=True),
+        torch.tensor(start, dtype=torch.float64, requires_grad=True),
     )
     assert torch.autograd.gradcheck(loss, inputs)
 
 
-def test_single_class_and_one_chunk_per_class():
-    """C = 1 (no competitor: loss 0, zero gradients) and chunk 1 over many classes."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 3, dtype=torch.float64, generator=gen)
-    config = CONFIGS["arcface"](8.0)
-    assert_paths_agree(
-        x, torch.randn(1, 3, dtype=torch.float64, generator=gen), torch.zeros(4, dtype=torch.long), config, "mean", 5
-    )
-    W = torch.randn(30, 3, dtype=torch.float64, generator=gen)
-    assert_paths_agree(x, W, torch.tensor([0, 29, 7, 7]), config, "sum", 1)
-    loss, (dx, dW) = loss_and_grads(x, W[:1], torch.zeros(4, dtype=torch.long), config, "mean", 3)
-    assert float(loss) == 0.0 and not dx.any() and not dW.any()
-
-
-# ---- stability: the plain path's edge cases, on the chunked path ------------------------------------
-
-
-def _edge_problems():
-    """(name, x, W, y, config): cos = +-1, zero rows, huge logits; all in float64."""
-    d = torch.float64
-    W = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 3.0], [1.0, 1.0, 1.0]], dtype=d)
-    at_poles = torch.tensor([[2.0, 0.0, 0.0], [-3.0, 0.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, -1.0]], dtype=d)
-    pole_labels = torch.tensor([0, 0, 1, 3])  # cos_y = 1, -1, 1, -1
-    yield "cos=+-1", at_poles, W, pole_labels, CONFIGS["arcface"](64.0)
-    yield "cos=+-1 combined", at_poles, W, pole_labels, CONFIGS["combined"](64.0)
-    zero_x = at_poles.clone()
-    zero_x[1] = 0.0
-    yield "zero feature", zero_x, W, pole_labels, CONFIGS["cosface"](64.0)
-    yield "zero feature, |x| kept", zero_x, W, pole_labels, CONFIGS["sphereface-like"](1.0)
-    zero_w = W.clone()
-    zero_w[3] = 0.0
-    yield "zero class weight", at_poles + 0.1, zero_w, pole_labels, CONFIGS["normface"](16.0)
-    yield "zero class weight, |W| kept", at_poles + 0.1, zero_w, pole_labels, CONFIGS["lsoftmax-like"](1.0)
-    tiny_w = W.clone()
-    tiny_w[3] = torch.tensor([3e-13, -4e-13, 0.0], dtype=d)  # 0 < |W_j| < eps: max(|W_j|, eps) is flat
-    yield "class weight below eps, |W| kept", at_poles + 0.1, tiny_w, pole_labels, CONFIGS["lsoftmax-like"](1.0)
-    big = torch.tensor([[1e4, 2e3, -5e3], [-7e3, 1e4, 1e2], [3e3, -3e3, 1e4], [1e4, 1e4, 1e4]], dtype=d)
-    yield "s=64, |x|~1e4 (logits ~1e6)", big, W, torch.tensor([0, 1, 3, 4]), CONFIGS["sphereface-like"](64.0)
-    yield "s=64, |x||W|~1e4", big, W, torch.tensor([2, 1, 3, 4]), CONFIGS["lsoftmax-like"](64.0)
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("case", list(_edge_problems()), ids=lambda case: case[0])
-def test_stability_edge_cases(case, dtype):
-    """Finite, and equal to the plain path, on every degenerate input; every reduction."""
-    _, x, W, y, config = case
-    for reduction, chunk in (("mean", 2), ("none", 3), ("sum", 100)):
-        cotangent = torch.linspace(0.5, 1.5, x.shape[0], dtype=dtype) if reduction == "none" else None
-        assert_paths_agree(x.to(dtype), W.to(dtype), y, config, reduction, chunk, cotangent)
-
-
-@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
-def test_half_inputs_upcast(half):
-    """Half inputs compute in float32 on both paths: a float32 loss, gradients in the inputs' dtype."""
-    gen = torch.Generator().manual_seed(1)
-    x = (torch.randn(6, 16, generator=gen) * 30).to(half)
-    W = torch.randn(50, 16, generator=gen).to(half)
-    y = torch.randint(0, 50, (6,), generator=gen)
-    plain_loss, plain_grads = loss_and_grads(x, W, y, CONFIGS["arcface"](64.0), "mean", None)
-    loss, grads = loss_and_grads(x, W, y, CONFIGS["arcface"](64.0), "mean", 7)
-    assert loss.dtype == torch.float32
-    assert_matches(loss, plain_loss, 1e-5, "loss")
-    eps = torch.finfo(half).eps  # the gradient is rounded to the input's dtype on the way out
-    for got, expected in zip(grads, plain_grads):
-        assert got.dtype == half
-        assert_matches(got, expected, eps, "grad")
-
-
 @pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
-def test_autocast_is_disabled_inside(autocast_dtype):
+@pytest.mark.parametrize("record", MARGIN_RECORDS, ids=str)
+def test_autocast_is_disabled_inside(record, autocast_dtype):
     """Under autocast the chunked path still computes in float32: bit-for-bit the same as without."""
     gen = torch.Generator().manual_seed(2)
     x, W = torch.randn(5, 32, generator=gen) * 100, torch.randn(300, 32, generator=gen)
     y = torch.randint(0, 300, (5,), generator=gen)
-    config = CONFIGS["arcface"](64.0)
+    config = record.config(record.defaults)
     loss, grads = loss_and_grads(x, W, y, config, "mean", 64)
     with torch.autocast("cpu", dtype=autocast_dtype):
         auto_loss, auto_grads = loss_and_grads(x, W, y, config, "mean", 64)
@@ -281,16 +217,17 @@ def test_autocast_is_disabled_inside(autocast_dtype):
 
 
 @pytest.mark.parametrize("learnable", [False, True])
-@pytest.mark.parametrize("kind", ["arcface", "lsoftmax-like"])
-def test_no_batch_by_class_tensor_is_produced(kind, learnable):
+@pytest.mark.parametrize("record", MARGIN_RECORDS, ids=str)
+def test_no_batch_by_class_tensor_is_produced(record, learnable):
     """Forward and backward never create a tensor of B*C elements: the largest is the (C, D)
     gradient of W (D < B here), or a (B, chunk) block. The plain path is the positive control."""
     batch, classes, dim, chunk = 64, 1000, 8, 100
     gen = torch.Generator().manual_seed(3)
     x, W = torch.randn(batch, dim, generator=gen), torch.randn(classes, dim, generator=gen)
     y = torch.randint(0, classes, (batch,), generator=gen)
-    scale = torch.tensor(30.0, requires_grad=True) if learnable else 30.0
-    config = CONFIGS[kind](scale)
+    config = record.config(record.defaults)
+    if learnable:
+        config = dataclasses.replace(config, scale=torch.tensor(30.0, requires_grad=True))
     for chunk_size, limit in ((chunk, max(classes * dim, batch * chunk)), (None, None)):
         xs, Ws = x.clone().requires_grad_(), W.clone().requires_grad_()
         with OpProbe() as probe:
@@ -305,7 +242,8 @@ def test_no_batch_by_class_tensor_is_produced(kind, learnable):
     ("classes", "chunk", "products"),
     [(10, 10, 3), (10, 64, 3), (10, 5, 7), (10, 3, 15), (10, 1, 39)],
 )
-def test_products_per_step(classes, chunk, products):
+@pytest.mark.parametrize("record", MARGIN_RECORDS, ids=str)
+def test_products_per_step(record, classes, chunk, products):
     """Forward + backward does 4n - 1 matrix products for n chunks: one per chunk in forward, and in
     backward G^T u and G W per chunk plus the recomputation of every chunk's logits but the last
     (kept from forward). With C <= chunk_size that is 3, the plain path's count."""
@@ -314,12 +252,12 @@ def test_products_per_step(classes, chunk, products):
     W.requires_grad_()
     y = torch.tensor([0, 9, 4, 4])
     with OpProbe() as probe:
-        margin_cross_entropy(x, W, y, CONFIGS["arcface"](8.0), chunk_size=chunk).backward()
+        margin_cross_entropy(x, W, y, record.config(record.defaults), chunk_size=chunk).backward()
     assert probe.products == products
 
 
-@pytest.mark.parametrize("kind", sorted(CONFIGS))
-def test_batches_larger_than_a_feature_block(kind):
+@pytest.mark.parametrize("record", MARGIN_RECORDS, ids=str)
+def test_batches_larger_than_a_feature_block(record):
     """The feature side runs blocks of rows (FEATURE_BLOCK_BYTES): a batch of two full blocks and a
     partial one, with a learnable scale (its gradient summed over the blocks), equals the plain path."""
     dim = 4
@@ -329,7 +267,7 @@ def test_batches_larger_than_a_feature_block(kind):
     W = torch.randn(50, dim, dtype=torch.float64, generator=gen)
     y = torch.randint(0, 50, (batch,), generator=gen)
     cotangent = torch.linspace(0.5, 1.5, batch, dtype=torch.float64)
-    config = CONFIGS[kind](torch.tensor(4.0, dtype=torch.float64))
+    config = with_learnable_scale(record.config(record.defaults), 4.0)
     assert_paths_agree(x, W, y, config, "none", 7, cotangent)
 
 
@@ -340,7 +278,8 @@ def test_repeated_backward_is_bit_identical():
     x, W = torch.randn(5, 4, generator=gen, requires_grad=True), torch.randn(23, 4, generator=gen)
     W.requires_grad_()
     scale = torch.tensor(16.0, requires_grad=True)
-    loss = margin_cross_entropy(x, W, torch.tensor([0, 22, 7, 7, 21]), CONFIGS["lsoftmax-like"](scale), "sum", 6)
+    config = dataclasses.replace(default_config("lsoftmax_loss"), scale=scale)
+    loss = margin_cross_entropy(x, W, torch.tensor([0, 22, 7, 7, 21]), config, "sum", 6)
     first = torch.autograd.grad(loss, (x, W, scale), retain_graph=True)
     second = torch.autograd.grad(loss, (x, W, scale))
     for a, b in zip(first, second):
@@ -355,7 +294,8 @@ def test_inputs_are_not_modified():
     before = (x.clone(), W.clone(), y.clone(), scale.detach().clone())
     x.requires_grad_()
     W.requires_grad_()
-    margin_cross_entropy(x, W, y, CONFIGS["lsoftmax-like"](scale), "none", chunk_size=4).sum().backward()
+    config = dataclasses.replace(default_config("lsoftmax_loss"), scale=scale)
+    margin_cross_entropy(x, W, y, config, "none", chunk_size=4).sum().backward()
     for now, then in zip((x, W, y, scale), before):
         assert torch.equal(now.detach(), then)
 
@@ -364,9 +304,8 @@ def test_weights_changed_between_forward_and_backward_are_caught():
     """The backward recomputes the logits from x and W: an in-place update of W in between (an
     optimizer step before backward) must raise autograd's version error, not give a wrong gradient."""
     W = torch.randn(12, 3, requires_grad=True)
-    loss = margin_cross_entropy(
-        torch.randn(4, 3), W, torch.tensor([0, 1, 2, 11]), MarginConfig(scale=8.0), chunk_size=5
-    )
+    config = default_config("normface_loss")
+    loss = margin_cross_entropy(torch.randn(4, 3), W, torch.tensor([0, 1, 2, 11]), config, chunk_size=5)
     with torch.no_grad():
         W.mul_(2.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
@@ -378,84 +317,59 @@ def test_no_grad_and_partial_grads():
     gen = torch.Generator().manual_seed(5)
     x, W = torch.randn(4, 5, dtype=torch.float64, generator=gen), torch.randn(20, 5, dtype=torch.float64, generator=gen)
     y = torch.randint(0, 20, (4,), generator=gen)
-    config = CONFIGS["cosface"](16.0)
+    config = default_config("cosface_loss")
+    rtol = PATH_AGREEMENT["float64"].rtol
     plain_loss, (plain_dx, plain_dW) = loss_and_grads(x, W, y, config, "mean", None)
     with torch.no_grad():
-        assert_matches(margin_cross_entropy(x, W, y, config, chunk_size=6), plain_loss, 1e-10, "no_grad loss")
+        assert_matches(margin_cross_entropy(x, W, y, config, chunk_size=6), plain_loss, rtol, "no_grad loss")
     Wl = W.clone().requires_grad_()
     margin_cross_entropy(x, Wl, y, config, chunk_size=6).backward()
-    assert_matches(Wl.grad, plain_dW, 1e-10, "dW alone")
+    assert_matches(Wl.grad, plain_dW, rtol, "dW alone")
     xl = x.clone().requires_grad_()
     margin_cross_entropy(xl, W, y, config, chunk_size=6).backward()
-    assert_matches(xl.grad, plain_dx, 1e-10, "dx alone")
+    assert_matches(xl.grad, plain_dx, rtol, "dx alone")
 
 
-# ---- the functional losses and heads pass chunk_size through ------------------------------------------
+# ---- the heads pass chunk_size through ------------------------------------------------------------
 
-FUNCTIONAL = {
-    "normface_loss": (tpf.normface_loss, {"s": 16.0}),
-    "cosface_loss": (tpf.cosface_loss, {"s": 64.0, "m": 0.35}),
-    "am_softmax_loss": (tpf.am_softmax_loss, {"s": 30.0, "m": 0.35}),
-    "arcface_loss": (tpf.arcface_loss, {"s": 64.0, "m": 0.5}),
-    "arcface_loss-easy": (tpf.arcface_loss, {"s": 32.0, "m": 0.5, "easy_margin": True}),
-    # m1 theta + m2 passes pi for theta > 2.28: the monotone extension is exercised as well.
-    "combined_margin_loss": (tpf.combined_margin_loss, {"s": 64.0, "m1": 1.2, "m2": 0.4, "m3": 0.15}),
-    "lsoftmax_loss": (tpf.lsoftmax_loss, {"m": 4, "beta": 0.5}),
-    "sphereface_loss": (tpf.sphereface_loss, {"m": 3, "lamb": 0.0}),
-}
-
-
-@pytest.mark.parametrize("name", sorted(FUNCTIONAL))
-@settings(max_examples=10)
-@given(problem=problems(), reduction=st.sampled_from(["mean", "sum", "none"]))
-def test_functional_losses_take_chunk_size(name, problem, reduction):
-    """Every margin loss of torch_port.functional: chunk_size=k gives chunk_size=None's loss and grads."""
-    loss_fn, kwargs = FUNCTIONAL[name]
-    x, W, y, chunk = problem
-    results = []
-    for chunk_size in (None, chunk):
-        xs, Ws = torch.tensor(x, requires_grad=True), torch.tensor(W, requires_grad=True)
-        loss = loss_fn(xs, Ws, torch.tensor(y), **kwargs, reduction=reduction, chunk_size=chunk_size)
-        cotangent = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
-        results.append((loss.detach(), *torch.autograd.grad((loss * cotangent).sum(), (xs, Ws))))
-    for what, got, expected in zip(("loss", "dx", "dW"), results[1], results[0]):
-        assert_matches(got, expected, RTOL[torch.float64], f"{name} {what}")
-
-
-HEADS = {
-    "NormFace": lambda **kw: NormFace(37, 6, s=16.0, **kw),
-    "NormFace-learned-scale": lambda **kw: NormFace(37, 6, s=16.0, learn_scale=True, **kw),
-    "CosFace": lambda **kw: CosFace(37, 6, **kw),
-    "AMSoftmax": lambda **kw: AMSoftmax(37, 6, **kw),
-    "ArcFace": lambda **kw: ArcFace(37, 6, **kw),
-    "CombinedMargin": lambda **kw: CombinedMargin(37, 6, m1=1.2, m2=0.4, m3=0.15, **kw),
-    "LSoftmax": lambda **kw: LSoftmax(37, 6, m=4, **kw),
-    "SphereFace": lambda **kw: SphereFace(37, 6, m=4, **kw),
-}
+# (id, record name, head options): every margin record's head at its defaults, and NormFace's
+# learned scale (a head parameter the functional losses do not have).
+HEAD_VARIANTS = [(record.name, record.name, {}) for record in MARGIN_RECORDS]
+HEAD_VARIANTS.append(("normface_loss-learned-scale", "normface_loss", {"learn_scale": True}))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("name", sorted(HEADS))
-def test_heads_take_chunk_size(name, reduction):
-    """Every margin head: the same loss and gradients (weight, learnable scale, features) chunked."""
+@pytest.mark.parametrize(("name", "options"), [pytest.param(n, o, id=i) for i, n, o in HEAD_VARIANTS])
+def test_heads_take_chunk_size(name, options, reduction):
+    """Every margin head: chunk_size=8 gives the same loss and gradients (weight, learnable scale,
+    features) as chunk_size=None, whose loss is the reference's at the same hyperparameters."""
+    record = BY_NAME[name]
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(5, 6, dtype=torch.float64, generator=gen) * 3
     y = torch.tensor([0, 36, 12, 12, 5])
-    heads = [HEADS[name](chunk_size=chunk, reduction=reduction, dtype=torch.float64) for chunk in (None, 8)]
+    heads = [
+        record.head(record.defaults, 37, 6, chunk_size=chunk, reduction=reduction, dtype=torch.float64, **options)
+        for chunk in (None, 8)
+    ]
     heads[1].load_state_dict(heads[0].state_dict())
     results = []
     for head in heads:
         features = x.clone().requires_grad_()
         loss = head(features, y)
         loss.sum().backward()
-        grads = {name: p.grad for name, p in head.named_parameters()}
+        grads = {param: p.grad for param, p in head.named_parameters()}
         results.append((loss.detach(), features.grad, grads))
     (plain_loss, plain_dx, plain_grads), (loss, dx, grads) = results
-    assert_matches(loss, plain_loss, RTOL[torch.float64], f"{name} loss")
-    assert_matches(dx, plain_dx, RTOL[torch.float64], f"{name} d/dx")
+    # The head is the record's loss: the reference at the same weight and hyperparameters.
+    weight = heads[0].weight.detach().numpy()
+    expected = record.reference(x.numpy(), weight, y.numpy(), **record.defaults, reduction=reduction)
+    assert_close(plain_loss.numpy(), expected, PATH_AGREEMENT["float64"], f"{name} head vs reference")
+    rtol = PATH_AGREEMENT["float64"].rtol
+    assert_matches(loss, plain_loss, rtol, f"{name} loss")
+    assert_matches(dx, plain_dx, rtol, f"{name} d/dx")
     assert grads.keys() == plain_grads.keys()
     for param in grads:
-        assert_matches(grads[param], plain_grads[param], RTOL[torch.float64], f"{name} d/d{param}")
+        assert_matches(grads[param], plain_grads[param], rtol, f"{name} d/d{param}")
 
 
 # ---- arguments ---------------------------------------------------------------------------------------
@@ -465,18 +379,21 @@ def test_heads_take_chunk_size(name, reduction):
     ("chunk_size", "error"),
     [(0, ValueError), (-3, ValueError), (2.5, ValueError), ("8", TypeError), (True, TypeError), (None, None)],
 )
-def test_chunk_size_is_checked_first(chunk_size, error):
+@pytest.mark.parametrize("record", MARGIN_RECORDS, ids=str)
+def test_chunk_size_is_checked_first(record, chunk_size, error):
+    """A bad chunk_size is refused before the labels are looked at, by the engine and every head."""
     W = torch.randn(10, 4, requires_grad=True)
     x = torch.randn(3, 4)
     bad_labels = torch.tensor([0, 1, 99])  # invalid too: the chunk_size error must come first
+    config = record.config(record.defaults)
     if error is None:
         with pytest.raises(ValueError, match="y must lie"):
-            margin_cross_entropy(x, W, bad_labels, MarginConfig(), chunk_size=chunk_size)
+            margin_cross_entropy(x, W, bad_labels, config, chunk_size=chunk_size)
         return
     with pytest.raises(error, match="chunk_size"):
-        margin_cross_entropy(x, W, bad_labels, MarginConfig(), chunk_size=chunk_size)
+        margin_cross_entropy(x, W, bad_labels, config, chunk_size=chunk_size)
     with pytest.raises(error, match="chunk_size"):
-        SphereFace(10, 4, chunk_size=chunk_size)
+        record.head(record.defaults, 10, 4, chunk_size=chunk_size)
     assert W.grad is None
 
 
@@ -484,22 +401,33 @@ def test_integral_float_chunk_size_is_accepted():
     gen = torch.Generator().manual_seed(7)
     x, W = torch.randn(3, 4, dtype=torch.float64, generator=gen), torch.randn(10, 4, dtype=torch.float64, generator=gen)
     y = torch.tensor([1, 2, 9])
-    assert_paths_agree(x, W, y, MarginConfig(scale=4.0), "mean", 4.0)
+    assert_paths_agree(x, W, y, default_config("normface_loss"), "mean", 4.0)
 
 
 @given(batch=st.integers(1, 10**5), classes=st.integers(1, 10**7), budget=st.floats(1.0, 1e10))
 def test_chunk_size_for_fits_the_budget(batch, classes, budget):
+    """k is the largest chunk whose float32 (B, k) block fits the budget, clipped to [MIN_CHUNK, C]:
+    below C it is either that largest k or, when not even MIN_CHUNK fits, MIN_CHUNK; it reaches C
+    only when C fits or C is at most MIN_CHUNK."""
     k = chunk_size_for(batch, classes, budget_bytes=budget)
-    assert 1 <= k <= classes
-    # the largest k whose float32 (B, k) block fits, unless clipped to C or raised to the minimum
-    assert k == classes or k == MIN_CHUNK or 4 * batch * k <= budget < 4 * batch * (k + 1)
+    assert isinstance(k, int) and 1 <= k <= classes
+    fits = 4 * batch * k <= budget
+    if k < classes:
+        if fits:
+            assert budget < 4 * batch * (k + 1), "a larger chunk would fit the budget"
+        else:
+            assert k == MIN_CHUNK, "over budget below the minimum chunk"
+    else:
+        assert fits or classes <= MIN_CHUNK, "C chosen though it does not fit and exceeds the minimum chunk"
 
 
 def test_chunk_size_for_defaults_by_device():
-    assert chunk_size_for(256, 10**6) == CHUNK_BUDGET_BYTES["cpu"] // (4 * 256) == 512
-    assert chunk_size_for(4096, 10**6, device=torch.device("cuda")) == CHUNK_BUDGET_BYTES["cuda"] // (4 * 4096)
+    """512 KiB on CPU (k = 512 at B = 256), 256 MiB on CUDA; C when it fits; MIN_CHUNK at least."""
+    assert chunk_size_for(256, 10**6) == 2**19 // (4 * 256) == 512
+    assert chunk_size_for(4096, 10**6, device=torch.device("cuda")) == 256 * 2**20 // (4 * 4096)
+    assert chunk_size_for(4096, 10**6, device="cuda:0") == chunk_size_for(4096, 10**6, device="cuda")
     assert chunk_size_for(256, 300) == 300
-    assert chunk_size_for(10**5, 10**6) == MIN_CHUNK
+    assert chunk_size_for(10**5, 10**6) == MIN_CHUNK == 128
 
 
 @pytest.mark.parametrize(
@@ -525,7 +453,7 @@ def test_rounding_of_a_large_problem_matches_float64_truth():
         torch.randn(5000, 24, dtype=torch.float64, generator=gen),
     )
     y = torch.randint(0, 5000, (32,), generator=gen)
-    config = CONFIGS["arcface"](64.0)
+    config = default_config("arcface_loss")
     truth = margin_cross_entropy(x, W, y, config, "none")
     plain32 = margin_cross_entropy(x.float(), W.float(), y, config, "none").double()
     chunked32 = margin_cross_entropy(x.float(), W.float(), y, config, "none", chunk_size=333).double()
@@ -542,9 +470,9 @@ DEVICES = [
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("kind", sorted(CONFIGS))
-def test_paths_agree_on_each_device(kind, dtype, device):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("record", MARGIN_RECORDS, ids=str)
+def test_paths_agree_on_each_device(record, dtype, device):
     """The chunked path equals the plain path on every device the machine has, with a learnable
     scale, several chunks (the last partial) and a batch larger than a CPU feature block at D = 512
     (so the row blocks are exercised where they apply)."""
@@ -553,7 +481,7 @@ def test_paths_agree_on_each_device(kind, dtype, device):
     x = torch.randn(batch, dim, dtype=dtype, generator=gen).to(device)
     W = torch.randn(classes, dim, dtype=dtype, generator=gen).to(device)
     y = torch.randint(0, classes, (batch,), generator=gen).to(device)
-    config = CONFIGS[kind](torch.tensor(8.0, dtype=dtype, device=device))
+    config = with_learnable_scale(record.config(record.defaults), 8.0, dtype, device)
     assert_paths_agree(x, W, y, config, "mean", 96)
 
 
@@ -565,11 +493,11 @@ def test_half_precision_inputs_agree_on_each_device(device):
     x = torch.randn(70, 64, generator=gen).to(device=device, dtype=torch.bfloat16)
     W = (0.05 * torch.randn(1000, 64, generator=gen)).to(device=device, dtype=torch.bfloat16)
     y = torch.randint(0, 1000, (70,), generator=gen).to(device)
-    config = CONFIGS["arcface"](30.0)
+    config = BY_NAME["arcface_loss"].config({"s": 30.0, "m": 0.5, "easy_margin": False})
     plain_loss, plain_grads = loss_and_grads(x, W, y, config, "mean", None)
     loss, grads = loss_and_grads(x, W, y, config, "mean", 96)
     assert loss.dtype == plain_loss.dtype == torch.float32
-    assert torch.allclose(loss, plain_loss, rtol=1e-5, atol=1e-6)
+    assert_matches(loss, plain_loss, PATH_AGREEMENT["float32"].rtol, "bfloat16 inputs: loss")
     for a, b in zip(grads, plain_grads):
         assert a.dtype == b.dtype == torch.bfloat16
-        assert_matches(a.float().cpu(), b.float().cpu(), 1e-2, "bfloat16 gradient")
+        assert_matches(a.float(), b.float(), 1e-2, "bfloat16 gradient")

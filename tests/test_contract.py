@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 
 import pytest
+import torch
 
 import refimpl
 import torch_port
@@ -78,4 +79,5 @@ def test_every_margin_loss_has_its_logits(family):
 def test_heads_own_a_class_by_dim_weight(name):
     head = getattr(torch_port, name)(7, 3)
     assert tuple(head.weight.shape) == (7, 3)
-    assert callable(head.logits)
+    logits = head.logits(torch.randn(5, 3))
+    assert tuple(logits.shape) == (5, 7) and torch.isfinite(logits).all()

@@ -27,7 +27,7 @@ import refimpl.normalized as refimpl_normalized
 import torch_port.functional as tpf
 from softmax_common.closed_forms import GAP_PEAK_ANGLE, arcface_fallback_gap, combined_margin_gap
 from tests import strategies as S
-from tests.records.normalized import features_weights_labels, hyperparameters, jumps, orthogonal_unit, unit_rows
+from tests.records.normalized import features_weights_labels, hyperparameters, jumps, unit_rows
 from tests.tolerances import Tol, assert_close
 from torch_port import AMSoftmax, ArcFace, CombinedMargin, CosFace, NormFace
 
@@ -679,13 +679,3 @@ def test_heads_on_cuda_match_cpu(head_cls, kind, defaults):
     assert gpu_loss.device.type == "cuda" and gpu_loss.dtype == torch.float32
     assert gpu_loss.item() == pytest.approx(cpu_loss.item(), rel=1e-5)
     assert gpu.logits(x.cuda()).shape == (16, 50)
-
-
-def test_orthogonal_unit_helper_is_orthogonal():
-    """The records' geometry helper (it places x at a drawn angle): unit and orthogonal to w^."""
-    rng = np.random.default_rng(0)
-    for dim in (2, 3, 5):
-        w_hat = unit_rows(rng.standard_normal((1, dim)))[0]
-        for raw in (rng.standard_normal(dim), w_hat * 3.0, np.zeros(dim)):
-            v = orthogonal_unit(w_hat, raw)
-            assert abs(v @ w_hat) < 1e-15 and abs(np.linalg.norm(v) - 1) < 1e-15

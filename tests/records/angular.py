@@ -15,14 +15,17 @@ import refimpl
 import refimpl.geometry as refimpl_geometry
 import torch_port.functional as tpf
 from tests import strategies as S
+from tests.paths import MARGIN_PATHS
 from tests.samples import ErrorSample, LossRecord, Sample
+from torch_port import LSoftmax, MarginSchedule, SphereFace
+from torch_port.angular import lsoftmax_config, sphereface_config
 
 # Feature and weight entries are drawn in [-BOUND, BOUND] with D <= 4, so |W_j||x| <= 36 and the
 # logits stay within +-36 (2m - 1) <= 400: wide enough to saturate the softmax, small enough that
 # central differences (step 1e-6) resolve the gradient in float64.
 BOUND = 3.0
 MIN_NORM = 0.25  # rows shorter than this are moved away from the origin (1/|x| enters the gradient)
-MAX_M = 6  # the papers use m <= 4; the issue asks for gradients at the poles up to m = 6
+MAX_M = 6  # the papers use m <= 4; gradients at the poles are required up to m = 6
 
 
 def margins():
@@ -120,7 +123,7 @@ def _elementwise_errors(name: str, value: np.ndarray) -> list[ErrorSample]:
 
 def _loss_edges(weight_name: str) -> list[Sample]:
     """The poles (cos = +-1) for every m, a k boundary, zero, tiny and large features, a zero class
-    weight, D = 1.
+    weight and one shorter than NORM_EPS, D = 1.
 
     Features of 2e3 (logits up to 1.4e4 at m = 4) run in every dtype. Features of 1e4 and, for
     SphereFace, a zero class weight skip float16 only: the gradients come back in the input's dtype,
@@ -155,6 +158,12 @@ def _loss_edges(weight_name: str) -> list[Sample]:
             "W_1 = 0",
             zero_row_skip,
         ),
+        (
+            np.array([[1.0, 2.0, 3.0], [-1.0, 0.5, 0.0], [2.0, 2.0, -1.0], [0.0, 1.0, 0.0]]),
+            np.array([[1.0, 0.0, 0.0], [3e-13, -4e-13, 0.0], [-0.5, 0.5, 1.0]]),
+            "0 < |W_1| < NORM_EPS (max(|W_j|, eps) is flat there)",
+            zero_row_skip,  # in float16 the row rounds to 0: the case above
+        ),
     ]
     for x, weights, note, skips in extreme:
         for m in (1, 4):
@@ -188,6 +197,21 @@ def _with_reduction_error(errors: list[ErrorSample]) -> list[ErrorSample]:
     return [*errors, ErrorSample(good, ValueError, r"reduction")]
 
 
+CONFIG_BUILDERS = {"lsoftmax": lsoftmax_config, "sphereface": sphereface_config}
+HEADS = {"lsoftmax": LSoftmax, "sphereface": SphereFace}
+
+
+def _head(name: str, weight_name: str):
+    """The head with a constant annealing weight: its training loss is the functional loss with those
+    hyperparameters (the released schedules change the weight every step)."""
+
+    def build(kwargs: dict, num_classes: int, dim: int, **options):
+        schedule = MarginSchedule.constant(kwargs[weight_name])
+        return HEADS[name](num_classes, dim, m=kwargs["m"], schedule=schedule, **options)
+
+    return build
+
+
 def _loss_records(name: str, weight_name: str) -> list[LossRecord]:
     common = dict(
         samples=_loss_samples(weight_name),
@@ -199,6 +223,10 @@ def _loss_records(name: str, weight_name: str) -> list[LossRecord]:
             reference=getattr(refimpl, f"{name}_loss"),
             port=getattr(tpf, f"{name}_loss"),
             error_inputs=lambda: _with_reduction_error(_loss_errors(weight_name)),
+            paths=MARGIN_PATHS,
+            config=lambda kwargs: CONFIG_BUILDERS[name](**kwargs),
+            head=_head(name, weight_name),
+            defaults={"m": 4, weight_name: 0.0},  # DESIGN.md's defaults
             **common,
         ),
         LossRecord(

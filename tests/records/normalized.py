@@ -20,8 +20,11 @@ from hypothesis import strategies as st
 import refimpl
 import torch_port.functional as tpf
 from tests import strategies as S
+from tests.paths import MARGIN_PATHS
 from tests.samples import ErrorSample, LossRecord, Sample
 from tests.tolerances import Tol
+from torch_port import AMSoftmax, ArcFace, CombinedMargin, CosFace, NormFace
+from torch_port.normalized import arcface_config, combined_margin_config, cosface_config, normface_config
 
 # 0.05 rad: far beyond float16 input rounding (which moves an angle by ~1e-3), so a sample rounded
 # for the half-precision suites is still on the same side of every jump.
@@ -155,6 +158,11 @@ FLOAT16_ZERO_FEATURE = (
     "bfloat16 inputs and float16 autocast with float32 leaves)"
 )
 
+FLOAT16_ZERO_WEIGHT = (
+    "the gradient w.r.t. a zero class weight is ~s/max(|W_j|, 1e-12), beyond float16's 65504, as for a zero "
+    "feature (float32 and bfloat16 inputs run this case)"
+)
+
 
 def edge_kwargs(kind: str) -> list[dict]:
     """Hyperparameters the edge cases run with: the defaults, and the extremes of each range."""
@@ -183,10 +191,12 @@ def edge_kwargs(kind: str) -> list[dict]:
 
 
 def edge_cases(kind: str) -> list[Sample]:
-    """cos = +-1 exactly, cos = 0, zero features, the jump straddled, ties, C = 1, B = 1, D = 1, s = 64
-    with features of 3e4, features of norm 1e-2 (1/|x| = 100 in the gradient, which still fits float16)."""
+    """cos = +-1 exactly, cos = 0, zero features, a zero class weight, the jump straddled, ties, C = 1,
+    B = 1, D = 1, s = 64 with features of 3e4, features of norm 1e-2 (1/|x| = 100 in the gradient,
+    which still fits float16)."""
     W = np.array([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [-0.5, 0.5, 1.0]])
     y = np.array([0, 1, 2, 0])
+    zero_row_W = W * [[1.0], [0.0], [1.0]]
     parallel = np.array([2.0 * W[0], 0.5 * W[1], 4.0 * W[2], 3.0 * W[0]])
     geometries = [
         ({"x": parallel, "W": W}, y, "cos theta_y = +1 exactly (x parallel to W_y)", {}),
@@ -202,6 +212,12 @@ def edge_cases(kind: str) -> list[Sample]:
             y,
             "zero feature rows",
             {"float16": FLOAT16_ZERO_FEATURE},
+        ),
+        (
+            {"x": np.array([[1.0, 2.0, 0.5], [-1.0, 0.5, 2.0], [0.5, -1.0, 1.0], [2.0, 0.0, -1.0]]), "W": zero_row_W},
+            y,
+            "a zero class weight, the target of two rows (cos = 0 with it by convention)",
+            {"float16": FLOAT16_ZERO_WEIGHT},
         ),
         (
             {"x": np.array([[1.0, 256.0], [-1.0, 256.0], [256.0, 1.0]]), "W": STRADDLE_W},
@@ -324,6 +340,39 @@ def error_inputs(kind: str, with_reduction: bool) -> list[ErrorSample]:
 LOW_PRECISION_FORWARD = {("forward", d): Tol(rtol=2e-5, atol=2e-5) for d in ("float32", "bfloat16", "float16")}
 
 
+# The engine configuration of each kind (a sample's kwargs are the builder's arguments by name; AM-Softmax
+# is CosFace's configuration with its own defaults) and its head.
+CONFIG_BUILDERS = {
+    "normface": normface_config,
+    "cosface": cosface_config,
+    "am_softmax": cosface_config,
+    "arcface": arcface_config,
+    "combined_margin": combined_margin_config,
+}
+HEADS = {
+    "normface": NormFace,
+    "cosface": CosFace,
+    "am_softmax": AMSoftmax,
+    "arcface": ArcFace,
+    "combined_margin": CombinedMargin,
+}
+# DESIGN.md's defaults (the papers' values).
+DEFAULTS = {
+    "normface": {"s": 16.0},
+    "cosface": {"s": 64.0, "m": 0.35},
+    "am_softmax": {"s": 30.0, "m": 0.35},
+    "arcface": {"s": 64.0, "m": 0.5, "easy_margin": False},
+    "combined_margin": {"s": 64.0, "m1": 1.0, "m2": 0.5, "m3": 0.0},
+}
+
+
+def _head(kind: str):
+    def build(kwargs: dict, num_classes: int, dim: int, **options):
+        return HEADS[kind](num_classes, dim, **kwargs, **options)
+
+    return build
+
+
 def _records(kind: str) -> list[LossRecord]:
     common = dict(samples=loss_samples(kind), edge_cases=lambda: edge_cases(kind), tolerances=LOW_PRECISION_FORWARD)
     return [
@@ -332,6 +381,10 @@ def _records(kind: str) -> list[LossRecord]:
             reference=getattr(refimpl, f"{kind}_loss"),
             port=getattr(tpf, f"{kind}_loss"),
             error_inputs=lambda: error_inputs(kind, with_reduction=True),
+            paths=MARGIN_PATHS,
+            config=lambda kwargs: CONFIG_BUILDERS[kind](**kwargs),
+            head=_head(kind),
+            defaults=DEFAULTS[kind],
             **common,
         ),
         LossRecord(
