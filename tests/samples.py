@@ -93,7 +93,7 @@ class LossRecord:
     head: ``head(kwargs, num_classes, dim, **options)`` -> the nn.Module head of the same loss with
         those hyperparameters (options: reduction, chunk_size, dtype, and head-specific ones).
     defaults: hyperparameters for tests that need one fixed configuration of the loss (the papers'
-        values, as DESIGN.md lists them).
+        values, as the API contract in docs/design.md lists them).
     """
 
     name: str

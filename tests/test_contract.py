@@ -1,6 +1,6 @@
-"""The API contract of shared/DESIGN.md: names, argument names and defaults, in both packages.
+"""The API contract (docs/design.md): names, argument names and defaults, in both packages.
 
-The expected defaults below are copied from DESIGN.md's table (the specification), not from the
+The expected defaults below are copied from the contract's table (the specification), not from the
 code, so a default changed in either package by accident fails here.
 """
 
@@ -15,7 +15,7 @@ import refimpl
 import torch_port
 import torch_port.functional as tpf
 
-# name -> (positional arguments in order, {hyperparameter: default}) as DESIGN.md states them.
+# name -> (positional arguments in order, {hyperparameter: default}) as the contract states them.
 DESIGN = {
     "softmax": (["z", "T"], {"T": 1.0}),
     "log_softmax": (["z", "T"], {"T": 1.0}),

@@ -529,7 +529,7 @@ HEAD_CASES = [
 @pytest.mark.parametrize(("head_cls", "kind", "defaults"), HEAD_CASES, ids=[c[1] for c in HEAD_CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_heads_are_their_functional_losses(head_cls, kind, defaults, dtype):
-    """forward = the functional loss (DESIGN.md's defaults); logits = margin-free s cos theta."""
+    """forward = the functional loss (the contract's defaults); logits = margin-free s cos theta."""
     torch.manual_seed(0)
     head = head_cls(7, 5, dtype=dtype)
     for key, value in defaults.items():

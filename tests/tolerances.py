@@ -13,9 +13,10 @@ Path against path (chunked or sharded against plain, sharded against the single-
 
 A path other than the plain one, in float32 or half precision, against the float64 truth:
 ``assert_no_farther_than_plain`` (within the table of the truth, or no farther from it than a small
-multiple of the plain float32 path's own error, plus ``float32_noise_floor``), widened for half
-inputs by ``half_partial_gradients_floor`` (a known behaviour of the port's chunked and sharded
-paths, described there).
+multiple of the plain float32 path's own error, plus ``float32_noise_floor``). A gradient reaching a
+half-precision input is rounded once to that dtype on every path (the chunked and sharded paths
+add their partial gradients in float32 before the cast, as the plain path does), so no path gets
+more slack than that rounding.
 """
 
 from __future__ import annotations
@@ -125,23 +126,6 @@ def float32_noise_floor(config, x, W, upstream: float, wrt: str) -> float:
     rounding noise of that size on any float32 route; the plain path may land on 0 by the luck of
     its roundings, so "no farther than the plain path" alone would demand the impossible there."""
     return noise_floor(config, x, W, upstream, wrt, FLOAT32_EPS, 16)
-
-
-# The chunked and sharded paths with half-precision inputs (a behaviour of the port, reported, not a
-# property of the loss): W enters their graphs twice (the class loop, or the shard's cross-entropy,
-# and the target rows W[y], or the sharded path's stand-in target), each use upcasts it to float32,
-# and the partial gradients are rounded to the half dtype *before* autograd adds them, in that dtype.
-# Where the parts nearly cancel, the sum is off by a half-precision ulp of each part. Measured in
-# bfloat16: chunked dW 3.75 against the truth 3.577 (the plain path, which rounds once: 3.578);
-# sharded dW 0.2188 against 0.2049 (plain: 0.2051). The allowance is one half-dtype eps of the
-# parts' magnitude (bounded as in noise_floor) per rounding, for the gradients of every input.
-HALF_PARTIAL_GRADIENT_ROUNDINGS = 2
-
-
-def half_partial_gradients_floor(config, x, W, upstream: float, wrt: str, dtype: str) -> float:
-    """The error two half-precision roundings of partial gradients of the problem's size can leave
-    in a gradient reaching a half input (see HALF_PARTIAL_GRADIENT_ROUNDINGS)."""
-    return noise_floor(config, x, W, upstream, wrt, HALF_EPS[dtype], HALF_PARTIAL_GRADIENT_ROUNDINGS)
 
 
 def assert_no_farther_than_plain(actual, plain, truth, tol: Tol, floor: float = 0.0, what: str = "") -> None:

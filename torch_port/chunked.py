@@ -278,9 +278,9 @@ def _normaliser(W, u, target, column, chunks: _Chunks, keep_last: bool):
     return peak, sums.mul_(maxima.sub_(peak).exp_()).sum(dim=0), kept
 
 
-def _backward_chunks(W, u, chunks: _Chunks, h, chain, peak, row_factor, scale, needs, kept, grad_u):
-    """Over the chunks: du (before the row factor) added into ``grad_u``; returns dW (without the
-    targets' own share) and dL/ds.
+def _backward_chunks(W, u, chunks: _Chunks, h, chain, peak, row_factor, scale, needs, kept, grad_u, target_grad):
+    """Over the chunks: du (before the row factor) added into ``grad_u``; returns dW and dL/ds
+    (without the target logits' share of ds, which the caller adds).
 
     G_ij = g_i p_ij = (g_i / total_i) exp(logit_ij - M_i), logit_ij = c_j (u_i . W_j). The row factor
     r_i = g_i / total_i is folded into u for G^T u (a (B, D) scaling) and into du by the caller, so
@@ -291,7 +291,11 @@ def _backward_chunks(W, u, chunks: _Chunks, h, chain, peak, row_factor, scale, n
     The forward's last chunk goes first: with ``kept`` (the forward's two buffers, the first holding
     that chunk's products) it is not recomputed. ``grad_u`` is a zeroed (B, D) buffer the products
     G W accumulate into (None when du is not needed); the caller may hand in the storage of the x
-    gradient itself, one (B, D) temporary fewer.
+    gradient itself, one (B, D) temporary fewer. ``target_grad`` (B, D), in the compute dtype, is
+    each row's gradient of its target logit with respect to W[y_i]; it is added into the chunk's
+    rows of dW before they are stored, so a float16/bfloat16 dW is rounded once, as on the plain path
+    (storing the chunk's part and adding the targets' part afterwards in the half dtype would round
+    twice, the two parts nearly cancelling where the target's probability is high).
     """
     need_u, need_W, need_scale = needs
     batch, dtype = u.shape[0], u.dtype
@@ -332,6 +336,9 @@ def _backward_chunks(W, u, chunks: _Chunks, h, chain, peak, row_factor, scale, n
             into = grad_W[start:stop] if grad_W.dtype == dtype else None
             direct = torch.mm(probs.T, u_weighted, out=into)
             direct.addcmul_(rows, grad_column.mul_(chain_scaled[start:stop]).unsqueeze_(1))
+            if chunks.targets[index] is not None:
+                target_rows, target_columns = chunks.targets[index]
+                direct.index_add_(0, target_columns, target_grad[target_rows])
             if into is None:
                 grad_W[start:stop] = direct
         if need_u:
@@ -386,42 +393,45 @@ class _ChunkedLseAndTarget(torch.autograd.Function):
             # du accumulates in the storage dx will be returned in, when the dtypes agree: block by
             # block below, a block's rows of du are read (as the cotangent) before dx overwrites them.
             grad_u = torch.zeros_like(u) if need_x else None
-            grad_W, grad_scale = _backward_chunks(
-                W, u, ctx.chunks, h, chain, peak, row_factor, scale_value, needs, kept, grad_u
-            )
-            del u, kept  # freed before the graph below rebuilds it
             # The target logit's cotangent: its own, plus the log-sum-exp's through p_iy. Written with
             # p_iy = 1 - others / total, so that for the cross-entropy (grad_target = -grad_lse) the
             # first term is exactly 0 and g (p_iy - 1) = -g others / total has no cancellation when
-            # p_iy ~ 1. It and du go back through the small graph of the feature side, rebuilt row
-            # block by row block, to x, the rows W[y] and the scale.
+            # p_iy ~ 1.
             target_cotangent = (grad_target.to(peak.dtype) + g) - g * others / total
+            # It goes back through the small graph of the feature side, rebuilt row block by row
+            # block: first to the rows W[y] and the scale (their share of dW joins the chunk loop's,
+            # below), after the loop to x together with du.
+            target_grad, scale_parts = None, []
+            if need_W or need_scale:
+                target_grad = u.new_empty(u.shape) if need_W else None
+                scale_leaf = scale.detach().requires_grad_(need_scale) if saved_scale else scale
+                for rows in _row_blocks(x):
+                    with torch.enable_grad():
+                        w_target = W.detach()[rows_of[rows]].to(peak.dtype).requires_grad_(need_W)
+                        target, _ = _feature_side(x[rows].detach(), w_target, present[rows], config, scale_leaf)
+                    leaves = [leaf for leaf, need in ((w_target, need_W), (scale_leaf, need_scale)) if need]
+                    found = iter(torch.autograd.grad(target, leaves, target_cotangent[rows]))
+                    if need_W:
+                        target_grad[rows] = next(found)
+                    if need_scale:
+                        scale_parts.append(next(found))
+            grad_W, grad_scale = _backward_chunks(
+                W, u, ctx.chunks, h, chain, peak, row_factor, scale_value, needs, kept, grad_u, target_grad
+            )
+            del u, kept, target_grad  # freed before the graph below rebuilds it
+            for part in scale_parts:
+                grad_scale = grad_scale + part
             grad_x = None
             if need_x:
                 grad_u.mul_(row_factor[:, None])
                 grad_x = grad_u if grad_u.dtype == x.dtype else torch.empty_like(x)
-            scale_leaf = scale.detach().requires_grad_(need_scale) if saved_scale else scale
-            for rows in _row_blocks(x):
-                with torch.enable_grad():
-                    x_leaf = x[rows].detach().requires_grad_(need_x)
-                    w_target = W.detach()[rows_of[rows]].requires_grad_(need_W)
-                    target, u = _feature_side(x_leaf, w_target, present[rows], config, scale_leaf)
-                outputs, cotangents = [target], [target_cotangent[rows]]
-                if need_x:
-                    outputs.append(u)
-                    cotangents.append(grad_u[rows])
-                candidates = ((x_leaf, need_x), (w_target, need_W), (scale_leaf, need_scale))
-                leaves = [leaf for leaf, need in candidates if need]
-                found = iter(torch.autograd.grad(outputs, leaves, cotangents, allow_unused=True))
-                if need_x:
-                    grad_x[rows] = next(found)
-                grad_w_target = next(found) if need_W else None
-                grad_scale_target = next(found) if need_scale else None
-                if grad_w_target is not None:
-                    # rows without a target add exact zeros (to class 0's row)
-                    grad_W.index_add_(0, rows_of[rows], grad_w_target.to(grad_W.dtype))
-                if grad_scale_target is not None:
-                    grad_scale = grad_scale + grad_scale_target
+                for rows in _row_blocks(x):
+                    with torch.enable_grad():
+                        x_leaf = x[rows].detach().requires_grad_()
+                        target, u = _feature_side(x_leaf, W.detach()[rows_of[rows]], present[rows], config, scale_value)
+                    (grad_x[rows],) = torch.autograd.grad(
+                        (target, u), (x_leaf,), (target_cotangent[rows], grad_u[rows])
+                    )
             grad_scale = grad_scale.to(scale.dtype) if need_scale else None
         return grad_x, grad_W, grad_scale, None, None, None
 

@@ -226,7 +226,7 @@ def _loss_records(name: str, weight_name: str) -> list[LossRecord]:
             paths=MARGIN_PATHS,
             config=lambda kwargs: CONFIG_BUILDERS[name](**kwargs),
             head=_head(name, weight_name),
-            defaults={"m": 4, weight_name: 0.0},  # DESIGN.md's defaults
+            defaults={"m": 4, weight_name: 0.0},  # the contract's defaults (docs/design.md)
             **common,
         ),
         LossRecord(

@@ -356,7 +356,7 @@ HEADS = {
     "arcface": ArcFace,
     "combined_margin": CombinedMargin,
 }
-# DESIGN.md's defaults (the papers' values).
+# The contract's defaults (the papers' values, docs/design.md).
 DEFAULTS = {
     "normface": {"s": 16.0},
     "cosface": {"s": 64.0, "m": 0.35},
