@@ -30,6 +30,7 @@ from tests.distributed_cases import CASES, global_inputs
 from tests.paths import MARGIN_PATHS, PATHS
 from tests.records.angular import off_branch_boundaries
 from tests.records.normalized import ANGLE_GAP, jumps, orthogonal_unit, unit_rows
+from tests.records.normalized import KINDS as NORMALIZED_KINDS
 from tests.registry import BY_NAME, RECORDS
 from tests.samples import Sample
 from tests.sharded_runner import ShardedCall, ShardedRunError, ShardedRunner
@@ -46,7 +47,6 @@ from torch_port.distributed import shard_range
 from torch_port.engine import margin_cross_entropy
 
 MARGIN_RECORDS = [record for record in RECORDS if record.config is not None]
-NORMALIZED_KINDS = ["normface", "cosface", "am_softmax", "arcface", "combined_margin"]
 
 
 # ---- strategies and geometry of the records ------------------------------------------------------

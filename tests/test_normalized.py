@@ -27,14 +27,13 @@ import refimpl.normalized as refimpl_normalized
 import torch_port.functional as tpf
 from softmax_common.closed_forms import GAP_PEAK_ANGLE, arcface_fallback_gap, combined_margin_gap
 from tests import strategies as S
-from tests.records.normalized import features_weights_labels, hyperparameters, jumps, unit_rows
+from tests.records.normalized import KINDS, features_weights_labels, hyperparameters, jumps, unit_rows
 from tests.tolerances import Tol, assert_close
 from torch_port import AMSoftmax, ArcFace, CombinedMargin, CosFace, NormFace
 
 EPS = float(np.finfo(np.float64).eps)
 IMPLS = ["refimpl", "torch_port"]
-MARGIN_KINDS = ["cosface", "am_softmax", "arcface", "combined_margin"]
-KINDS = ["normface", *MARGIN_KINDS]
+MARGIN_KINDS = [kind for kind in KINDS if kind != "normface"]  # the family's records with a margin
 FLOAT64_CLOSE = Tol(rtol=1e-12, atol=1e-12)
 
 
