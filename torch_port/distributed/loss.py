@@ -11,7 +11,9 @@ One training step on every rank (:func:`sharded_margin_cross_entropy`, or
    log-sum-exp a_ri over the shard and, where the row's class is the shard's, its target logit t_i;
 4. the a_ri are combined across ranks (all-reduce of the max, then of the sum of exponentials) into
    the softmax normaliser, and the target logits are all-reduced (a sum: only the owner of a
-   class contributes a nonzero value), so each target logit is computed once;
+   class contributes a nonzero value), so each target logit is computed once, by that rank (the
+   other ranks' rows with label -1 are masked to 0 inside the same (B,) operations, which keeps
+   every shape independent of the labels: no host synchronisation to select the owned rows);
 5. backward: each rank's logits receive the softmax probabilities under the global normaliser, so
    its shard of W gets exactly its rows of the single-process gradient; the gradient of the
    gathered features is summed across ranks and each rank keeps its own rows.
