@@ -74,8 +74,7 @@ def plain_logits(x: torch.Tensor, W: torch.Tensor, config: MarginConfig) -> torc
     """Margin-free logits S_ij * cos theta_ij (B, C): what a head gives at inference."""
     check_inputs(x, W)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        geo = Geometry(x, W)
-        return geo.cosines() * geo.scales(config)
+        return Geometry(x, W).logits(config)
 
 
 def margin_logits(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, config: MarginConfig) -> torch.Tensor:
@@ -83,7 +82,7 @@ def margin_logits(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, config: Mar
     y = check_inputs(x, W, y)
     with torch.autocast(device_type=x.device.type, enabled=False):
         geo = Geometry(x, W)
-        logits = geo.cosines() * geo.scales(config)
+        logits = geo.logits(config)
         # scatter, not in-place assignment: the replaced entry's gradient goes to the target path only.
         return logits.scatter(1, y[:, None], geo.target_logits(y, config)[:, None])
 
@@ -92,7 +91,7 @@ def _plain_lse_and_target(x, W, y, config: MarginConfig) -> LseAndTarget:
     geo = Geometry(x, W)
     present = y >= 0
     rows = y.clamp_min(0)  # absent rows read class 0's column and put it back unchanged
-    logits = geo.cosines() * geo.scales(config)
+    logits = geo.logits(config)
     target = geo.target_logits(rows, config, present)
     kept = logits.gather(1, rows[:, None])[:, 0]
     logits = logits.scatter(1, rows[:, None], torch.where(present, target, kept)[:, None])

@@ -9,9 +9,10 @@ target class's cosine is transformed (the margin). With theta_ij the angle betwe
 
 NormFace, CosFace/AM-Softmax, ArcFace and the combined margin use a fixed s and no norms;
 SphereFace keeps |x_i|; L-Softmax keeps |x_i| |W_j|. This module owns the pieces every path of the
-engine (plain, chunked, sharded) builds on: normalisation (:func:`unit_rows`), the (B, C) cosines and
-scales of the plain path (:class:`Geometry`), and the target logits computed from the rows W[y]
-alone (:func:`target_logits`). It imports nothing else of the port.
+engine (plain, chunked, sharded) builds on: normalisation (:func:`unit_rows`), the scale S
+(:func:`logit_scale`), the (B, C) logits of the plain path (:class:`Geometry`), and the target
+logits computed from the rows W[y] alone (:func:`target_logits`). It imports nothing else of the
+port.
 
 Numerics: normalisation divides by max(|v|, NORM_EPS), so a zero row is a zero unit vector (cosine
 0 with everything). The target angle is computed by the half-angle form
@@ -80,22 +81,25 @@ class Geometry:
         self.x_hat, self.x_norm = unit_rows(self.x)
         self.w_hat, self.w_norm = unit_rows(self.W)
 
-    def cosines(self) -> torch.Tensor:
-        """cos theta_ij, (B, C)."""
-        return self.x_hat @ self.w_hat.T
-
-    def scales(self, config: MarginConfig) -> torch.Tensor | float:
-        """S_ij as a factor broadcastable against the (B, C) cosines: a number, (B, 1), (1, C) or (B, C)."""
-        factor: torch.Tensor | float = 1.0 if config.scale is None else config.scale
-        if config.feature_norm:
-            factor = factor * self.x_norm
-        if config.weight_norm:
-            factor = factor * self.w_norm.T
-        return factor
+    def logits(self, config: MarginConfig) -> torch.Tensor:
+        """The margin-free logits S_ij cos theta_ij, (B, C)."""
+        return (self.x_hat @ self.w_hat.T) * logit_scale(config, self.x_norm, self.w_norm.T)
 
     def target_logits(self, y: torch.Tensor, config: MarginConfig, present: torch.Tensor | None = None):
         """t_i for the labels y (B,) (any integer in [0, C) where ``present`` is False); see :func:`target_logits`."""
         return target_logits(self.x_hat, self.x_norm, self.w_hat[y], self.w_norm[y], config, present)
+
+
+def logit_scale(config: MarginConfig, x_norm: torch.Tensor, w_norm: torch.Tensor) -> torch.Tensor | float:
+    """S = s |x_i| |W_j| with each norm only where the config keeps it, as a factor broadcast from
+    the norms given: (B, 1) features against (1, C) classes for the (B, C) logits, or (B, 1) against
+    each row's own class (B, 1) for the target logits. A number when neither norm is kept."""
+    factor: torch.Tensor | float = 1.0 if config.scale is None else config.scale
+    if config.feature_norm:
+        factor = factor * x_norm
+    if config.weight_norm:
+        factor = factor * w_norm
+    return factor
 
 
 def target_logits(
@@ -129,15 +133,20 @@ def target_logits(
         cos_y = torch.where(present, cos_y, 0.0)
         theta_y = torch.where(present, theta_y, math.pi / 2)
     psi = cos_y if config.target is None else config.target(cos_y, theta_y)
-    factor: torch.Tensor | float = 1.0 if config.scale is None else config.scale
-    if config.feature_norm:
-        factor = factor * x_norm
-    if config.weight_norm:
-        factor = factor * w_norm_y
+    factor = logit_scale(config, x_norm, w_norm_y)
     if isinstance(factor, torch.Tensor) and factor.dim() == 2:
         factor = factor[:, 0]
     logits = factor * psi
     return logits if present is None else torch.where(present, logits, 0.0)
 
 
-__all__ = ["NORM_EPS", "Geometry", "MarginConfig", "TargetFn", "target_cos_and_angle", "target_logits", "unit_rows"]
+__all__ = [
+    "NORM_EPS",
+    "Geometry",
+    "MarginConfig",
+    "TargetFn",
+    "logit_scale",
+    "target_cos_and_angle",
+    "target_logits",
+    "unit_rows",
+]
