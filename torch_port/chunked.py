@@ -24,7 +24,9 @@ The matrix products are the cost: with n = ceil(C / k) chunks the path does 4n -
 (B, D) by (D, k) size where the plain path does 3n (the recomputation is what buys memory
 independent of C). Everything else is a handful of passes over each (B, k) block, the
 exponentials as exp2 (see _normaliser). Between forward and backward only x, W, y, (B,)/(C,)
-vectors and the last chunk's two (B, k) blocks are kept. The backward is once-differentiable. On
+vectors and the last chunk's two (B, k) blocks are kept. A backward that builds a graph
+(create_graph=True, for a second derivative) recomputes the step on the plain path instead: exact,
+at the plain path's memory (_differentiable_backward). On
 a GPU the chunk loop never waits for the host; grouping the labels by chunk costs one
 synchronisation per pass. Measurements: benchmarks/RESULTS.md. Derivation:
 derivations/09-chunked-margin-ce.md.
@@ -36,53 +38,14 @@ import dataclasses
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from softmax_common.checks import check_positive, check_positive_int
-from torch_port.geometry import NORM_EPS, MarginConfig, target_logits, unit_rows
+from torch_port.chunk_budget import CHUNK_BUDGET_BYTES, MIN_CHUNK, chunk_size_for
+from torch_port.geometry import NORM_EPS, MarginConfig, plain_lse_and_target, target_logits, unit_rows
 from torch_port.tensor_checks import compute_dtype
 
-# The memory one chunk's (B, k) block may take, by device; the path works on two such blocks (the
-# products and their exponentials). CPU: 512 KiB (k = 512 at B = 256), so that the pair fits a
-# core's L2 cache while a block is exponentiated and fed to the next product (the sweep that chose
-# it: benchmarks/RESULTS.md, "Chunk size"). GPU: 256 MiB, so that a step is a few dozen chunks of
-# large products rather than thousands of small kernel launches (k = 16384 at B = 4096).
-CHUNK_BUDGET_BYTES = {"cpu": 2**19, "cuda": 256 * 2**20}
 LOG2E = 1.0 / math.log(2.0)
-MIN_CHUNK = 128
 # The bytes one (rows, D) float32 block of the feature side may take, by device (see _row_blocks).
 FEATURE_BLOCK_BYTES = {"cpu": 2**17, "cuda": 2**26}
-
-
-def chunk_size_for(batch_size: int, num_classes: int, device="cpu", budget_bytes: float | None = None) -> int:
-    r"""A class-chunk size for the memory-efficient path: the (B, k) float32 block fits the budget.
-
-    .. math:: k = \min\Big(C, \max\big(128, \lfloor \mathrm{budget} / (4 B) \rfloor\big)\Big)
-
-    The path works on two such blocks (a chunk's products and their exponentials; the last chunk's
-    pair is kept from forward to backward). Besides them, a chunk uses (k, D) numbers only when W
-    is float16/bfloat16 (its rows are upcast one chunk at a time); everything else the path keeps
-    is (rows, D), (B, D) or (C,) sized, plus the gradient dW itself. The budget is fixed rather than
-    a fraction of C: with few classes a smaller k makes more, smaller products for a saving the
-    path's (B, D) temporaries outweigh (benchmarks/RESULTS.md, "Chunk size").
-
-    Args:
-        batch_size: B >= 1.
-        num_classes: C >= 1.
-        device: where the loss runs ("cpu", "cuda", a torch.device); picks the default budget
-            (512 KiB on CPU, 256 MiB on CUDA and other accelerators).
-        budget_bytes: the bytes the (B, k) block may take, > 0; overrides the device's default.
-
-    Returns:
-        The chunk size k, an int in [1, C].
-    """
-    batch_size = check_positive_int(batch_size, "batch_size")
-    num_classes = check_positive_int(num_classes, "num_classes")
-    if budget_bytes is None:
-        kind = torch.device(device).type
-        budget_bytes = CHUNK_BUDGET_BYTES["cpu" if kind == "cpu" else "cuda"]
-    budget_bytes = check_positive(budget_bytes, "budget_bytes")
-    return int(min(num_classes, max(MIN_CHUNK, budget_bytes // (4 * batch_size))))
 
 
 def chunked_lse_and_target(
@@ -375,65 +338,97 @@ class _ChunkedLseAndTarget(torch.autograd.Function):
         return lse, target
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_lse, grad_target):
-        x, W, y, h, chain, peak, total, others, *saved_scale = ctx.saved_tensors
-        kept, ctx.kept = ctx.kept, None  # a second backward (retain_graph=True) recomputes that chunk
-        scale = saved_scale[0] if saved_scale else ctx.float_scale
-        scale_value = scale.detach() if saved_scale else scale
-        need_x, need_W, need_scale = ctx.needs_input_grad[:3]
-        config = ctx.config
-        present = y >= 0
-        rows_of = y.clamp_min(0)
-        with torch.autocast(device_type=W.device.type, enabled=False):
-            g = grad_lse.to(peak.dtype)
-            row_factor = g / total
-            u = _products_side(*unit_rows(x.detach().to(peak.dtype)), config)
-            needs = (need_x, need_W, need_scale)
-            # du accumulates in the storage dx will be returned in, when the dtypes agree: block by
-            # block below, a block's rows of du are read (as the cotangent) before dx overwrites them.
-            grad_u = torch.zeros_like(u) if need_x else None
-            # The target logit's cotangent: its own, plus the log-sum-exp's through p_iy. Written with
-            # p_iy = 1 - others / total, so that for the cross-entropy (grad_target = -grad_lse) the
-            # first term is exactly 0 and g (p_iy - 1) = -g others / total has no cancellation when
-            # p_iy ~ 1.
-            target_cotangent = (grad_target.to(peak.dtype) + g) - g * others / total
-            # It goes back through the small graph of the feature side, rebuilt row block by row
-            # block: first to the rows W[y] and the scale (their share of dW joins the chunk loop's,
-            # below), after the loop to x together with du.
-            target_grad, scale_parts = None, []
-            if need_W or need_scale:
-                target_grad = u.new_empty(u.shape) if need_W else None
-                scale_leaf = scale.detach().requires_grad_(need_scale) if saved_scale else scale
-                for rows in _row_blocks(x):
-                    with torch.enable_grad():
-                        w_target = W.detach()[rows_of[rows]].to(peak.dtype).requires_grad_(need_W)
-                        target, _ = _feature_side(x[rows].detach(), w_target, present[rows], config, scale_leaf)
-                    leaves = [leaf for leaf, need in ((w_target, need_W), (scale_leaf, need_scale)) if need]
-                    found = iter(torch.autograd.grad(target, leaves, target_cotangent[rows]))
-                    if need_W:
-                        target_grad[rows] = next(found)
-                    if need_scale:
-                        scale_parts.append(next(found))
-            grad_W, grad_scale = _backward_chunks(
-                W, u, ctx.chunks, h, chain, peak, row_factor, scale_value, needs, kept, grad_u, target_grad
-            )
-            del u, kept, target_grad  # freed before the graph below rebuilds it
-            for part in scale_parts:
-                grad_scale = grad_scale + part
-            grad_x = None
-            if need_x:
-                grad_u.mul_(row_factor[:, None])
-                grad_x = grad_u if grad_u.dtype == x.dtype else torch.empty_like(x)
-                for rows in _row_blocks(x):
-                    with torch.enable_grad():
-                        x_leaf = x[rows].detach().requires_grad_()
-                        target, u = _feature_side(x_leaf, W.detach()[rows_of[rows]], present[rows], config, scale_value)
-                    (grad_x[rows],) = torch.autograd.grad(
-                        (target, u), (x_leaf,), (target_cotangent[rows], grad_u[rows])
-                    )
-            grad_scale = grad_scale.to(scale.dtype) if need_scale else None
-        return grad_x, grad_W, grad_scale, None, None, None
+        if torch.is_grad_enabled():  # create_graph=True: a derivative of this gradient will be taken
+            return _differentiable_backward(ctx, grad_lse, grad_target)
+        with torch.no_grad():
+            return _chunked_backward(ctx, grad_lse, grad_target)
 
 
-__all__ = ["CHUNK_BUDGET_BYTES", "chunk_size_for", "chunked_lse_and_target", "chunked_margin_cross_entropy"]
+def _differentiable_backward(ctx, grad_lse, grad_target):
+    """The backward as a graph, for double backward (a gradient penalty, create_graph=True).
+
+    The chunk-by-chunk backward is written by hand and has no graph of its own, so a second
+    derivative taken through it would silently miss every term that depends on x, W or s through
+    the gradient. Instead, the primitive is recomputed on the plain path (ordinary autograd) and
+    differentiated with create_graph: exact to any order, at the plain path's O(B C) memory for
+    this step. The chunked path saves memory in ordinary training, not under a gradient penalty.
+    """
+    x, W, y = ctx.saved_tensors[:3]
+    saved_scale = ctx.saved_tensors[8:]
+    ctx.kept = None
+    config = dataclasses.replace(ctx.config, scale=saved_scale[0]) if saved_scale else ctx.config
+    wanted = [(t, need) for t, need in zip((x, W, *saved_scale), ctx.needs_input_grad[:3])]
+    inputs = [t for t, need in wanted if need]
+    with torch.autocast(device_type=W.device.type, enabled=False):
+        lse, target = plain_lse_and_target(x, W, y, config)
+        found = iter(torch.autograd.grad((lse, target), inputs, (grad_lse, grad_target), create_graph=True))
+    grads = [next(found) if need else None for _, need in wanted]
+    return (*grads, *[None] * (6 - len(grads)))
+
+
+def _chunked_backward(ctx, grad_lse, grad_target):
+    x, W, y, h, chain, peak, total, others, *saved_scale = ctx.saved_tensors
+    kept, ctx.kept = ctx.kept, None  # a second backward (retain_graph=True) recomputes that chunk
+    scale = saved_scale[0] if saved_scale else ctx.float_scale
+    scale_value = scale.detach() if saved_scale else scale
+    need_x, need_W, need_scale = ctx.needs_input_grad[:3]
+    config = ctx.config
+    present = y >= 0
+    rows_of = y.clamp_min(0)
+    with torch.autocast(device_type=W.device.type, enabled=False):
+        g = grad_lse.to(peak.dtype)
+        row_factor = g / total
+        u = _products_side(*unit_rows(x.detach().to(peak.dtype)), config)
+        needs = (need_x, need_W, need_scale)
+        # du accumulates in the storage dx will be returned in, when the dtypes agree: block by
+        # block below, a block's rows of du are read (as the cotangent) before dx overwrites them.
+        grad_u = torch.zeros_like(u) if need_x else None
+        # The target logit's cotangent: its own, plus the log-sum-exp's through p_iy. Written with
+        # p_iy = 1 - others / total, so that for the cross-entropy (grad_target = -grad_lse) the
+        # first term is exactly 0 and g (p_iy - 1) = -g others / total has no cancellation when
+        # p_iy ~ 1.
+        target_cotangent = (grad_target.to(peak.dtype) + g) - g * others / total
+        # It goes back through the small graph of the feature side, rebuilt row block by row
+        # block: first to the rows W[y] and the scale (their share of dW joins the chunk loop's,
+        # below), after the loop to x together with du.
+        target_grad, scale_parts = None, []
+        if need_W or need_scale:
+            target_grad = u.new_empty(u.shape) if need_W else None
+            scale_leaf = scale.detach().requires_grad_(need_scale) if saved_scale else scale
+            for rows in _row_blocks(x):
+                with torch.enable_grad():
+                    w_target = W.detach()[rows_of[rows]].to(peak.dtype).requires_grad_(need_W)
+                    target, _ = _feature_side(x[rows].detach(), w_target, present[rows], config, scale_leaf)
+                leaves = [leaf for leaf, need in ((w_target, need_W), (scale_leaf, need_scale)) if need]
+                found = iter(torch.autograd.grad(target, leaves, target_cotangent[rows]))
+                if need_W:
+                    target_grad[rows] = next(found)
+                if need_scale:
+                    scale_parts.append(next(found))
+        grad_W, grad_scale = _backward_chunks(
+            W, u, ctx.chunks, h, chain, peak, row_factor, scale_value, needs, kept, grad_u, target_grad
+        )
+        del u, kept, target_grad  # freed before the graph below rebuilds it
+        for part in scale_parts:
+            grad_scale = grad_scale + part
+        grad_x = None
+        if need_x:
+            grad_u.mul_(row_factor[:, None])
+            grad_x = grad_u if grad_u.dtype == x.dtype else torch.empty_like(x)
+            for rows in _row_blocks(x):
+                with torch.enable_grad():
+                    x_leaf = x[rows].detach().requires_grad_()
+                    target, u = _feature_side(x_leaf, W.detach()[rows_of[rows]], present[rows], config, scale_value)
+                (grad_x[rows],) = torch.autograd.grad((target, u), (x_leaf,), (target_cotangent[rows], grad_u[rows]))
+        grad_scale = grad_scale.to(scale.dtype) if need_scale else None
+    return grad_x, grad_W, grad_scale, None, None, None
+
+
+__all__ = [
+    "CHUNK_BUDGET_BYTES",
+    "MIN_CHUNK",
+    "chunk_size_for",
+    "chunked_lse_and_target",
+    "chunked_margin_cross_entropy",
+]

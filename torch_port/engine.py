@@ -46,6 +46,7 @@ from torch_port.geometry import (
     Geometry,
     MarginConfig,
     TargetFn,
+    plain_lse_and_target,
     target_cos_and_angle,
     unit_rows,
 )
@@ -87,21 +88,6 @@ def margin_logits(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, config: Mar
         return logits.scatter(1, y[:, None], geo.target_logits(y, config)[:, None])
 
 
-def _plain_lse_and_target(x, W, y, config: MarginConfig) -> LseAndTarget:
-    geo = Geometry(x, W)
-    present = y >= 0
-    rows = y.clamp_min(0)  # absent rows read class 0's column and put it back unchanged
-    logits = geo.logits(config)
-    target = geo.target_logits(rows, config, present)
-    kept = logits.gather(1, rows[:, None])[:, 0]
-    logits = logits.scatter(1, rows[:, None], torch.where(present, target, kept)[:, None])
-    # log sum exp with the row maximum held out of the graph: the gradient is e^{z - M} / sum (M
-    # cancels exactly), which keeps M's rounding out of every probability.
-    peak = logits.detach().amax(dim=1, keepdim=True)
-    lse = peak[:, 0] + torch.log(torch.exp(logits - peak).sum(dim=1))
-    return LseAndTarget(lse, target)
-
-
 def lse_and_target(
     x: torch.Tensor,
     W: torch.Tensor,
@@ -127,7 +113,8 @@ def lse_and_target(
         y: integer labels (B,) in [-1, C); -1 (``ABSENT``): the row's target is not among these classes.
         config: the loss.
         chunk_size: None builds the (B, C) logits at once; an int walks the classes that many at a
-            time and never keeps a (B, C) tensor (torch_port/chunked.py; once-differentiable).
+            time and never keeps a (B, C) tensor (torch_port/chunked.py; a second derivative,
+            create_graph=True, is exact but recomputes through the plain path's memory).
         validate: check shapes, dtypes, devices and the label range first (reads two numbers back
             from the device). A caller that has checked them already passes False.
 
@@ -141,7 +128,7 @@ def lse_and_target(
     with torch.autocast(device_type=x.device.type, enabled=False):
         if chunk_size is not None:
             return LseAndTarget(*chunked_lse_and_target(x, W, y, config, chunk_size))
-        return _plain_lse_and_target(x, W, y, config)
+        return LseAndTarget(*plain_lse_and_target(x, W, y, config))
 
 
 def margin_cross_entropy(
@@ -156,7 +143,7 @@ def margin_cross_entropy(
 
     chunk_size: None computes the (B, C) logits at once; an int walks the classes in chunks of that
     many and never keeps a (B, C) tensor (the memory-efficient path, torch_port/chunked.py; equal
-    to the plain path to rounding, once-differentiable).
+    to the plain path to rounding; its second derivatives recompute through the plain path).
     """
     reduction = check_reduction(reduction)
     chunk_size = check_chunk_size(chunk_size)

@@ -10,9 +10,10 @@ target class's cosine is transformed (the margin). With theta_ij the angle betwe
 NormFace, CosFace/AM-Softmax, ArcFace and the combined margin use a fixed s and no norms;
 SphereFace keeps |x_i|; L-Softmax keeps |x_i| |W_j|. This module owns the pieces every path of the
 engine (plain, chunked, sharded) builds on: normalisation (:func:`unit_rows`), the scale S
-(:func:`logit_scale`), the (B, C) logits of the plain path (:class:`Geometry`), and the target
-logits computed from the rows W[y] alone (:func:`target_logits`). It imports nothing else of the
-port.
+(:func:`logit_scale`), the (B, C) logits of the plain path (:class:`Geometry`), the target
+logits computed from the rows W[y] alone (:func:`target_logits`), and the plain path's primitive
+(:func:`plain_lse_and_target`; the chunked path differentiates it for second derivatives). It
+imports nothing else of the port.
 
 Numerics: normalisation divides by max(|v|, NORM_EPS), so a zero row is a zero unit vector (cosine
 0 with everything). The target angle is computed by the half-angle form
@@ -140,12 +141,35 @@ def target_logits(
     return logits if present is None else torch.where(present, logits, 0.0)
 
 
+def plain_lse_and_target(
+    x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, config: MarginConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The engine's primitive on the plain path: per row (B,), the log-sum-exp over the (B, C) logits
+    with the target's margin applied, and the target logit (0 where y_i = -1); arguments already
+    checked, autocast already disabled (see :func:`torch_port.engine.lse_and_target`). Ordinary
+    autograd all the way, so it is differentiable any number of times.
+    """
+    geo = Geometry(x, W)
+    present = y >= 0
+    rows = y.clamp_min(0)  # absent rows read class 0's column and put it back unchanged
+    logits = geo.logits(config)
+    target = geo.target_logits(rows, config, present)
+    kept = logits.gather(1, rows[:, None])[:, 0]
+    logits = logits.scatter(1, rows[:, None], torch.where(present, target, kept)[:, None])
+    # log sum exp with the row maximum held out of the graph: the gradient is e^{z - M} / sum (M
+    # cancels exactly), which keeps M's rounding out of every probability.
+    peak = logits.detach().amax(dim=1, keepdim=True)
+    lse = peak[:, 0] + torch.log(torch.exp(logits - peak).sum(dim=1))
+    return lse, target
+
+
 __all__ = [
     "NORM_EPS",
     "Geometry",
     "MarginConfig",
     "TargetFn",
     "logit_scale",
+    "plain_lse_and_target",
     "target_cos_and_angle",
     "target_logits",
     "unit_rows",

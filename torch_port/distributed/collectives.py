@@ -40,6 +40,21 @@ def all_gather_rows(local: torch.Tensor, sizes: Sequence[int], group) -> torch.T
     return torch.cat([part[:count] for part, count in zip(parts, sizes)])
 
 
+def _first_order_only() -> None:
+    """Refuse a backward that builds a graph (create_graph=True, for a second derivative).
+
+    The collectives' backwards call torch.distributed in place, which autograd does not record: a
+    derivative of their result would silently miss every cross-rank term. Every rank runs the same
+    backward and raises here before its first collective, so no rank is left waiting.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "the sharded path is once-differentiable: a second derivative (create_graph=True, e.g. a "
+            "gradient penalty) cannot go through its collectives; compute such a term on a single "
+            "process (torch_port.functional, chunk_size=None or an int)"
+        )
+
+
 class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, local, sizes, group, grad_scale):
@@ -50,6 +65,7 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        _first_order_only()
         total = grad.contiguous().clone()
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
         mine = total[ctx.offset : ctx.offset + ctx.count]
@@ -79,6 +95,7 @@ class _SumOverRanks(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        _first_order_only()
         return grad, None
 
 
@@ -101,6 +118,7 @@ class _LogSumExpOverRanks(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        _first_order_only()
         local, result = ctx.saved_tensors
         return grad * torch.exp(local - result), None
 
@@ -124,6 +142,7 @@ class _AllReduceGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        _first_order_only()
         total = grad.contiguous().clone()
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
         if ctx.average:
