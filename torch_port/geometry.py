@@ -71,6 +71,33 @@ def target_cos_and_angle(x_hat: torch.Tensor, w_hat_y: torch.Tensor) -> tuple[to
     return cos_y, 2.0 * torch.atan2(gap, span)
 
 
+class _Cosines(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_hat, w_hat):
+        ctx.save_for_backward(x_hat, w_hat)
+        return x_hat @ w_hat.T
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_hat, w_hat = ctx.saved_tensors
+        with torch.autocast(device_type=grad.device.type, enabled=False):
+            return grad @ w_hat, grad.T @ x_hat
+
+
+def cosines(x_hat: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
+    """x_hat @ w_hat.T, (B, C), whose backward's two products also run with autocast disabled.
+
+    The engine disables autocast around its forward, and eager autograd runs the backward of a
+    product in the dtype of its inputs. torch.compile traces the backward under the autocast of the
+    forward's caller instead (torch._functorch.config.backward_pass_autocast = "same_as_forward",
+    the default in torch 2.13), which would put the two (B, C)-sized products of the backward in
+    bfloat16/float16: gradients 1e-3 away from eager's. The products are the only operations of the
+    plain path autocast lowers, so a product with its own backward is all it takes for a compiled
+    step to match eager to float32 rounding. Differentiable twice (its backward is torch operations).
+    """
+    return _Cosines.apply(x_hat, w_hat)
+
+
 class Geometry:
     """Normalised features and class weights with their norms, in the compute dtype (the plain
     path's view of a problem: everything the (B, C) logits are made of)."""
@@ -84,7 +111,7 @@ class Geometry:
 
     def logits(self, config: MarginConfig) -> torch.Tensor:
         """The margin-free logits S_ij cos theta_ij, (B, C)."""
-        return (self.x_hat @ self.w_hat.T) * logit_scale(config, self.x_norm, self.w_norm.T)
+        return cosines(self.x_hat, self.w_hat) * logit_scale(config, self.x_norm, self.w_norm.T)
 
     def target_logits(self, y: torch.Tensor, config: MarginConfig, present: torch.Tensor | None = None):
         """t_i for the labels y (B,) (any integer in [0, C) where ``present`` is False); see :func:`target_logits`."""
@@ -168,6 +195,7 @@ __all__ = [
     "Geometry",
     "MarginConfig",
     "TargetFn",
+    "cosines",
     "logit_scale",
     "plain_lse_and_target",
     "target_cos_and_angle",
