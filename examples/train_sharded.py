@@ -2,10 +2,14 @@
 
     python examples/train_sharded.py                       # 2 processes, 12 epochs (docs/sharded.md: a run)
     python examples/train_sharded.py --world-size 3 --save /tmp/sharded   # also save a checkpoint
+    torchrun --nproc_per_node=2 examples/train_sharded.py  # the same, processes started by torchrun
 
 The problem is synthetic face-recognition-like data: ``--classes`` identities (201 by default, so
 the shards are uneven: 101 + 100 classes), each a random centre in R^32 seen through noise. Every
-rank runs the same script (``torch.multiprocessing.spawn`` starts them):
+rank runs the same script. Started by ``torchrun`` (``LOCAL_RANK``, ``RANK`` and ``WORLD_SIZE`` in the
+environment) each process joins the group torchrun describes (``init_method="env://"``, gloo) and
+``--world-size`` is ignored; started directly, the script starts ``--world-size`` processes itself with
+``torch.multiprocessing.spawn`` on a free local port:
 
 - the backbone (a small MLP to 16-d embeddings) is replicated and wrapped in
   ``DistributedDataParallel``, as in any data-parallel job;
@@ -49,15 +53,29 @@ def make_data(num_classes: int, per_class: int, seed: int = 0) -> tuple[torch.Te
     return features, labels
 
 
-def train(rank: int, world_size: int, port: int, args: argparse.Namespace) -> None:
+def launched_by_torchrun() -> bool:
+    """torchrun (torch.distributed.run) sets these for every process it starts."""
+    return all(name in os.environ for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE"))
+
+
+def spawned(rank: int, world_size: int, port: int, args: argparse.Namespace) -> None:
+    """One of the processes this script started itself (mp.spawn): a local TCP rendezvous."""
+    join_group(f"tcp://127.0.0.1:{port}", rank, world_size)
+    train(rank, world_size, args)
+
+
+def join_group(init_method: str, rank: int, world_size: int) -> None:
     torch.set_num_threads(1)  # the ranks share the machine's cores
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=init_method,
         rank=rank,
         world_size=world_size,
         timeout=datetime.timedelta(seconds=60),  # a dead rank fails the job in a minute, not 30
     )
+
+
+def train(rank: int, world_size: int, args: argparse.Namespace) -> None:
     torch.manual_seed(rank)  # each rank draws its own shard's initial rows
     features, labels = make_data(args.classes, per_class=10)
     # 8 training and 2 held-out samples of every class.
@@ -126,13 +144,22 @@ def _free_port() -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--world-size", type=int, default=2, help="number of gloo processes (default 2)")
+    parser.add_argument(
+        "--world-size", type=int, default=2, help="number of gloo processes (default 2; under torchrun, torchrun's)"
+    )
     parser.add_argument("--classes", type=int, default=201, help="number of identities (default 201)")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--lr", type=float, default=0.005)
     parser.add_argument("--save", type=Path, default=None, help="directory for a checkpoint of the shards")
     args = parser.parse_args()
-    mp.spawn(train, args=(args.world_size, _free_port(), args), nprocs=args.world_size, join=True)
+    if launched_by_torchrun():
+        # torchrun started this process and set MASTER_ADDR/MASTER_PORT: join its group (spawning
+        # here would start world_size more processes per torchrun worker, which never meet).
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        join_group("env://", rank, world_size)
+        train(rank, world_size, args)
+    else:
+        mp.spawn(spawned, args=(args.world_size, _free_port(), args), nprocs=args.world_size, join=True)
 
 
 if __name__ == "__main__":
