@@ -4,6 +4,8 @@
 and state (buffers), so ``state_dict()`` round-trips a training run.
 """
 
+__version__ = "0.2.0.dev0"  # the distribution's version (pyproject.toml reads it from here)
+
 from torch_port import functional
 from torch_port.angular_heads import LSoftmax, MarginSchedule, SphereFace
 from torch_port.center import CenterLoss
@@ -23,5 +25,6 @@ __all__ = [
     "NormFace",
     "ShardedMarginHead",
     "SphereFace",
+    "__version__",
     "functional",
 ]
