@@ -9,8 +9,11 @@ single module had, and its modules import neither each other's private names nor
 
 from __future__ import annotations
 
+import argparse
 import csv
 import gzip
+import inspect
+import re
 import struct
 import subprocess
 import sys
@@ -22,6 +25,8 @@ import torch
 
 from torch_port import demo
 from torch_port.__main__ import main
+from torch_port.demo import cli as demo_cli
+from torch_port.demo import run as demo_run
 
 COLUMNS = [key for key, _ in demo.TABLE_COLUMNS]
 TITLES = [title for _, title in demo.TABLE_COLUMNS]
@@ -265,7 +270,8 @@ def test_command_line_refuses_bad_options(tmp_path, capsys, args, message):
         ({"epochs": 0}, ValueError, r"epochs must be an integer >= 1"),
         ({"seed": -1}, ValueError, r"seed must be an integer >= 0"),
         ({"epochs": 1.5}, ValueError, r"epochs must be an integer >= 1"),
-        ({"device": "no-such-device"}, ValueError, r"device must name a torch device"),
+        ({"device": "no-such-device"}, ValueError, r"device must be 'auto' or a torch device"),
+        ({"device": "meta"}, ValueError, r"device 'meta' holds no data"),
         ({"data": "/no/such/directory"}, ValueError, r"data must be a directory"),
     ],
 )
@@ -281,6 +287,33 @@ def test_cuda_asked_for_without_cuda(tmp_path, capsys):
     assert main(["demo", "--loss", "softmax", "--device", "cuda", "--out", str(tmp_path / "out")]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="checks the message given where MPS is absent")
+def test_mps_asked_for_without_mps(tmp_path, capsys):
+    """A clean message (exit status 2), not a traceback from the first tensor moved there."""
+    assert main(["demo", "--loss", "softmax", "--device", "mps", "--out", str(tmp_path / "out")]) == 2
+    assert "MPS (Apple GPU) is not available" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_device_auto_is_the_default_and_picks_cuda_when_present():
+    parser = argparse.ArgumentParser()
+    demo_cli.add_arguments(parser)
+    assert parser.parse_args([]).device == "auto"
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert inspect.signature(demo.run_demo).parameters["device"].default == "auto"
+    assert demo_run.check_device("auto").type == expected
+
+
+def test_progress_off_a_terminal_is_one_line_per_loss(tmp_path, capsys):
+    """Under pytest stderr is captured (not a terminal): no bar frames, one line for each loss."""
+    demo.run_demo(["softmax", "arcface"], epochs=2, out=tmp_path, progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 2, err
+    assert re.fullmatch(r"\s*Softmax: 2 epochs, loss \d+\.\d{3}, \d+\.\d s", lines[0]), lines[0]
 
 
 def test_every_loss_has_settings_a_title_and_a_head():

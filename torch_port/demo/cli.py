@@ -25,7 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"default {DEFAULT_EPOCHS}")
     parser.add_argument("--dim", type=int, choices=(2, 3), default=2, help="embedding dimension (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seeds split, initialisation and batches (default 0)")
-    parser.add_argument("--device", default="cpu", help="a torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA when present, else cpu; the default) or a torch device, e.g. cpu, cuda:1",
+    )
     parser.add_argument("--out", default="demo-out", help="output directory (default demo-out)")
     parser.add_argument(
         "--data",
@@ -33,7 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="a directory with MNIST IDX files (train-images-idx3-ubyte, ...) to use instead of the digits",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (off a terminal: no per-loss lines either)"
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:

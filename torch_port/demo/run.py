@@ -37,14 +37,26 @@ def _check_losses(losses: Sequence[str] | str | None) -> list[str]:
     return list(dict.fromkeys(chosen))  # drop repeats, keep the order given
 
 
-def _check_device(device: str | torch.device) -> torch.device:
-    """A torch device that exists here; raises ValueError otherwise."""
+def check_device(device: str | torch.device) -> torch.device:
+    """A torch device that exists here ("auto": CUDA when present, else the CPU); ValueError otherwise."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as error:
-        raise ValueError(f"device must name a torch device such as 'cpu' or 'cuda', got {device!r}") from error
+        expected = "'auto' or a torch device such as 'cpu' or 'cuda'"
+        raise ValueError(f"device must be {expected}, got {device!r}") from error
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r} was asked for but MPS (Apple GPU) is not available here")
+    if device.type == "meta":
+        raise ValueError("device 'meta' holds no data: training needs a real device such as 'cpu' or 'cuda'")
+    if device.type != "cpu":
+        try:  # any other backend, or an index past the devices present
+            torch.empty(1, device=device)
+        except (RuntimeError, AssertionError) as error:
+            raise ValueError(f"device {str(device)!r} cannot be used here: {error}") from error
     return device
 
 
@@ -63,7 +75,7 @@ def run_demo(
     epochs: int = DEFAULT_EPOCHS,
     dim: int = 2,
     seed: int = 0,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     out: str | os.PathLike = "demo-out",
     data: str | os.PathLike | None = None,
     progress: bool = True,
@@ -73,9 +85,11 @@ def run_demo(
     Args:
         losses: names from :data:`LOSSES` (or "all"); None trains every loss.
         epochs: passes over the training split (>= 1). dim: the embedding's dimension, 2 or 3.
-        seed: seeds the split, the initialisation and the batch order (>= 0). device: a torch device.
+        seed: seeds the split, the initialisation and the batch order (>= 0). device: a torch device,
+        or "auto" (CUDA when present, else the CPU).
         out: the output directory (created). data: a directory of MNIST IDX files, or None for the
-        digits that ship with scikit-learn. progress: show a progress bar per loss.
+        digits that ship with scikit-learn. progress: a progress bar per loss on a terminal; when
+        stderr is not one (a log, a pipe), one line per loss instead.
 
     Deterministic on the CPU for a given seed: all but the training-time column repeat bitwise.
     Arguments are all checked before anything is loaded, trained or written.
@@ -89,7 +103,7 @@ def run_demo(
     if isinstance(dim, bool) or dim not in (2, 3):
         raise ValueError(f"dim must be 2 or 3 (the figures draw a circle or a sphere), got {dim!r}")
     seed = check_positive_int(seed, "seed", minimum=0)
-    device = _check_device(device)
+    device = check_device(device)
     require_all()
     out = Path(out)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -81,7 +82,10 @@ def train_one(
     net.train()
     head.train()
     start = time.perf_counter()
-    bar = tqdm(range(epochs), desc=f"{entry.title:>16}", unit="epoch", disable=not progress, leave=True)
+    # A bar only on a terminal: written to a log, its frames would be kilobytes of carriage returns.
+    # Elsewhere, one line per loss once it is trained.
+    on_terminal = progress and sys.stderr.isatty()
+    bar = tqdm(range(epochs), desc=f"{entry.title:>16}", unit="epoch", disable=not on_terminal, leave=True)
     for epoch in bar:
         total = torch.zeros((), device=device)
         for batch in torch.randperm(data.train_x.shape[0], generator=order).split(BATCH_SIZE):
@@ -99,6 +103,8 @@ def train_one(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
+    if progress and not on_terminal:
+        print(f"{entry.title:>16}: {epochs} epochs, loss {mean_loss:.3f}, {seconds:.1f} s", file=sys.stderr, flush=True)
 
     net.eval()
     head.eval()
