@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from softmax_common.checks import check_positive_int, check_reduction
+from softmax_common.checks import check_positive_int, check_reduction, check_scale
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -121,6 +121,25 @@ def check_features_table_labels(x, table, y, table_name: str, low: int = 0):
     return check_labels(y, x.shape[0], table.shape[0], low=low, same_device_as=("x", x))
 
 
+def check_scale_tensor(s: torch.Tensor, *, read_value: bool = True) -> torch.Tensor:
+    """A scale s given as a tensor (a learnable s, or s kept on a device), held to the rules of a number.
+
+    Always, from metadata alone: a floating-point 0-d tensor (a (B, 1) tensor would silently scale
+    each row by its own s). ``read_value=True`` also requires its value to be finite and > 0 by
+    :func:`softmax_common.checks.check_scale`, with the error a number gets; that reads the value
+    back from the device (a synchronisation on GPU). ``read_value=False`` is for callers that keep
+    the scale positive by construction (``NormFace(learn_scale=True)``'s s = exp(log_scale)) and
+    would otherwise pay that read on every training step.
+    """
+    if not s.is_floating_point():
+        raise TypeError(f"s must be a real number or a floating-point 0-d tensor, got a tensor of dtype {s.dtype}")
+    if s.dim() != 0:
+        raise ValueError(f"s must be a number or a 0-d tensor (one scale for every logit), got shape {tuple(s.shape)}")
+    if read_value:
+        check_scale(float(s.detach()))
+    return s
+
+
 def check_chunk_size(chunk_size) -> int | None:
     """None (the plain path) or the classes per chunk of the memory-efficient path, an int >= 1."""
     return None if chunk_size is None else check_positive_int(chunk_size, "chunk_size")
@@ -143,6 +162,7 @@ __all__ = [
     "check_labels",
     "check_reduction",
     "check_same_device",
+    "check_scale_tensor",
     "compute_dtype",
     "reduce_loss",
 ]
