@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from softmax_common.checks import check_interval, check_nonnegative, check_positive_int, check_reduction
+from torch_port.checkpoint_checks import AtomicLoad
 from torch_port.tensor_checks import (
     check_features_table_labels,
     compute_dtype,
@@ -90,7 +91,7 @@ def center_update(x: torch.Tensor, y: torch.Tensor, centers: torch.Tensor, alpha
         return centers - alpha * delta / (1.0 + counts)
 
 
-class CenterLoss(nn.Module):
+class CenterLoss(AtomicLoad, nn.Module):
     r"""Center loss with its own centers, updated by Wen et al.'s rule in training mode.
 
     .. math:: L = \lambda \cdot \mathrm{reduce}_i \tfrac{1}{2}\|x_i - c_{y_i}\|^2
@@ -111,6 +112,10 @@ class CenterLoss(nn.Module):
 
     ``learn_centers=True`` makes the centers an ``nn.Parameter`` that the optimizer moves by the
     gradient of the loss instead (no rule update then).
+
+    ``load_state_dict`` is all or nothing (centers of another shape are refused before anything is
+    copied). Not thread-safe: the training forward writes the centers in place, so one module must
+    not be called from several threads at once.
 
     Initialisation: zeros. The released caffe prototxt fills the centers with xavier noise; we start
     at zeros because the rule moves each center most of the way to its class mean the first time its

@@ -98,6 +98,20 @@ class NormFace(MarginHead):
         else:
             self._fixed_scale = value
 
+    def check_state_values(self, state_dict, prefix: str) -> None:
+        """A checkpoint's ``log_scale`` must be finite with exp(log_scale) a valid s (finite, > 0),
+        in this head's dtype; checked before anything is loaded."""
+        key = prefix + "log_scale"
+        if not self.learn_scale or key not in state_dict:
+            return
+        log_scale = state_dict[key].detach().to(self.log_scale.dtype)
+        if not torch.isfinite(log_scale):
+            raise ValueError(f"the checkpoint's {key!r} must be finite, got {log_scale.item()}")
+        try:
+            check_scale(log_scale.exp().item())
+        except ValueError as error:
+            raise ValueError(f"the checkpoint's {key!r} = {log_scale.item()} is not a valid scale: {error}") from None
+
     def margin_config(self) -> MarginConfig:
         if not self.learn_scale:
             return normface_config(self._fixed_scale)
