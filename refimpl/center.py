@@ -59,6 +59,12 @@ def center_update(x, y, centers, alpha=0.5):
     the center stays where it is) and makes it a damped move towards the batch mean:
     :math:`c_j + \alpha \frac{n_j}{1 + n_j} (\bar x_j - c_j)`.
 
+    Non-finite features: a row of x with a nan or an infinite entry says nothing about where its
+    class's center is, and would make that center non-finite for good (every later loss inf or
+    nan). Such rows are skipped: they count neither in n_j nor in the sum, exactly as if they were
+    not in the batch (a batch of only such rows leaves every center as it was). The loss itself
+    (:func:`center_loss`) still reports them as non-finite.
+
     Args:
         x: (B, D) features (treated as data: detach them in a training loop).
         y: (B,) integer labels in [0, C).
@@ -75,10 +81,12 @@ def center_update(x, y, centers, alpha=0.5):
     alpha = check_interval(alpha, "alpha", 0.0, 1.0, low_open=True)
     x, y, centers = _check_features_labels_centers(x, y, centers)
     classes = np.shape(getval(centers))[0]
-    onehot = (np.arange(classes)[:, None] == y[None, :]).astype(np.float64)  # (C, B): member i of class j
+    finite = np.all(np.isfinite(getval(x)), axis=1)  # (B,): the rows the rule may use
+    # (C, B): member i of class j, for the finite rows only
+    onehot = ((np.arange(classes)[:, None] == y[None, :]) & finite[None, :]).astype(np.float64)
     counts = onehot.sum(axis=1)[:, None]
-    # sum_{i: y_i = j} (c_j - x_i) = n_j c_j - sum_{i: y_i = j} x_i
-    delta = counts * centers - anp.dot(onehot, x)
+    # sum_{i: y_i = j} (c_j - x_i) = n_j c_j - sum_{i: y_i = j} x_i; skipped rows enter as 0, not as 0 * nan
+    delta = counts * centers - anp.dot(onehot, anp.where(finite[:, None], x, 0.0))
     return centers - alpha * delta / (1.0 + counts)
 
 

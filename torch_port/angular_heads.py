@@ -18,11 +18,12 @@ from torch import nn
 
 from softmax_common.checks import check_nonnegative, check_positive_int
 from torch_port.angular import lsoftmax_config, sphereface_config
+from torch_port.checkpoint_checks import AtomicLoad
 from torch_port.engine import MarginConfig, margin_cross_entropy
 from torch_port.heads import MarginHead
 
 
-class MarginSchedule(nn.Module):
+class MarginSchedule(AtomicLoad, nn.Module):
     r"""The annealing weight of L-Softmax (beta) and SphereFace (lambda), as in the released layers.
 
     .. math:: w(t) = \max\big(w_{\min},\ \mathrm{base}\,(1 + \gamma t)^{-\mathrm{power}}\big)
@@ -32,7 +33,7 @@ class MarginSchedule(nn.Module):
     w(0) = base. (Caffe's margin layers add 1 to their counter before reading it, so their n-th
     forward uses w(n); ours uses w(n - 1), one step of a schedule that runs for thousands.)
     ``iteration`` starts where a fine-tuning run should resume (the released layers' ``iteration``
-    parameter).
+    parameter). ``load_state_dict`` checks the iteration (an integer >= 0) before it copies it.
 
     Args:
         base: w at iteration 0, >= 0.
@@ -71,6 +72,12 @@ class MarginSchedule(nn.Module):
     def constant(cls, value: float) -> MarginSchedule:
         """A schedule that stays at ``value`` (0.0: the full margin from the first step)."""
         return cls(base=value, gamma=0.0, power=0.0, minimum=0.0)
+
+    def check_state_values(self, state_dict, prefix: str) -> None:
+        """A checkpoint's ``iteration`` must be an integer >= 0 (checked before anything is loaded)."""
+        key = prefix + "iteration"
+        if key in state_dict:
+            check_positive_int(state_dict[key].item(), f"the checkpoint's {key!r}", minimum=0)
 
     def value_at(self, iteration: int) -> float:
         """w at a given iteration (the current one is :meth:`value`)."""

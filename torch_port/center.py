@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from softmax_common.checks import check_interval, check_nonnegative, check_positive_int, check_reduction
+from torch_port.checkpoint_checks import AtomicLoad
 from torch_port.tensor_checks import (
     check_features_table_labels,
     compute_dtype,
@@ -62,6 +63,10 @@ def center_update(x: torch.Tensor, y: torch.Tensor, centers: torch.Tensor, alpha
     Classes absent from the batch (n_j = 0) keep their centers exactly. The per-class sums use
     ``index_add`` (memory O(C D), not a (C, B) one-hot matrix, which matters at 1e5+ classes).
 
+    Rows of x with a nan or infinite entry are skipped, as ``refimpl.center_update`` skips them:
+    they count neither in n_j nor in the sum, so one bad batch cannot make a center non-finite
+    for good. The mask is computed on the device (no host synchronisation).
+
     Args:
         x: (B, D) features; pass ``x.detach()`` in a training loop (the rule is not a gradient step).
         y: (B,) integer labels in [0, C).
@@ -77,13 +82,16 @@ def center_update(x: torch.Tensor, y: torch.Tensor, centers: torch.Tensor, alpha
     alpha = check_interval(alpha, "alpha", 0.0, 1.0, low_open=True)
     x, y, centers = _check_features_labels_centers(x, y, centers)
     with torch.autocast(device_type=x.device.type, enabled=False):
+        finite = torch.isfinite(x).all(dim=1)  # (B,): the rows the rule may use
         members = torch.zeros(centers.shape[0], dtype=centers.dtype, device=centers.device)
-        counts = members.index_add(0, y, torch.ones_like(y, dtype=centers.dtype))[:, None]
-        delta = torch.zeros_like(centers).index_add(0, y, centers.index_select(0, y) - x)
+        counts = members.index_add(0, y, finite.to(centers.dtype))[:, None]
+        # skipped rows add 0, not 0 * nan (torch.where, not a multiplication by the mask)
+        pulls = torch.where(finite[:, None], centers.index_select(0, y) - x, 0.0)
+        delta = torch.zeros_like(centers).index_add(0, y, pulls)
         return centers - alpha * delta / (1.0 + counts)
 
 
-class CenterLoss(nn.Module):
+class CenterLoss(AtomicLoad, nn.Module):
     r"""Center loss with its own centers, updated by Wen et al.'s rule in training mode.
 
     .. math:: L = \lambda \cdot \mathrm{reduce}_i \tfrac{1}{2}\|x_i - c_{y_i}\|^2
@@ -97,8 +105,17 @@ class CenterLoss(nn.Module):
     backward pass, so ``loss.backward()`` afterwards is valid. Add it to the softmax loss of the
     same features: ``loss = F.cross_entropy(logits, y) + center(features, y)``.
 
+    Non-finite features (an overflow under float16 autocast, a diverging backbone): the update
+    skips those rows (:func:`center_update`), so the centers stay finite, while the loss and its
+    gradient still carry the inf or nan. AMP's ``GradScaler`` sees them and skips the optimizer
+    step; the centers, which the scaler does not govern, have moved by the finite rows only.
+
     ``learn_centers=True`` makes the centers an ``nn.Parameter`` that the optimizer moves by the
     gradient of the loss instead (no rule update then).
+
+    ``load_state_dict`` is all or nothing (centers of another shape are refused before anything is
+    copied). Not thread-safe: the training forward writes the centers in place, so one module must
+    not be called from several threads at once.
 
     Initialisation: zeros. The released caffe prototxt fills the centers with xavier noise; we start
     at zeros because the rule moves each center most of the way to its class mean the first time its

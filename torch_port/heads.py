@@ -13,16 +13,24 @@ import torch
 from torch import nn
 
 from softmax_common.checks import check_positive_int, check_reduction
+from torch_port.checkpoint_checks import AtomicLoad
 from torch_port.engine import MarginConfig, margin_cross_entropy, plain_logits
 from torch_port.tensor_checks import check_chunk_size
 
 
-class MarginHead(nn.Module):
+class MarginHead(AtomicLoad, nn.Module):
     """Owns ``weight`` of shape (num_classes, dim), one row per class like ``nn.Linear.weight``.
 
     ``forward(x, y)`` returns the loss (with the margin); ``logits(x)`` returns margin-free logits
     for inference. Arguments are checked before anything is computed, so a failed call changes no
-    parameter or buffer.
+    parameter or buffer. ``load_state_dict`` is all or nothing: the checkpoint is checked whole
+    (shapes, and the values a subclass vets) before anything is copied
+    (:class:`torch_port.checkpoint_checks.AtomicLoad`).
+
+    Not thread-safe: one head must not be called from several threads at once. L-Softmax and
+    SphereFace advance their schedule in place in each training forward (as ``CenterLoss`` moves
+    its centers); like any PyTorch module with running state, a head promises nothing under
+    concurrent calls.
 
     Initialisation: ``weight`` ~ N(0, 0.01^2) elementwise. For heads that normalise W only the
     directions matter, and an isotropic Gaussian gives directions uniform on the sphere; heads

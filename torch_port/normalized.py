@@ -37,6 +37,7 @@ from softmax_common.closed_forms import (
     normface_lower_bound,
 )
 from torch_port.engine import MarginConfig, TargetFn, check_inputs, margin_cross_entropy, margin_logits, plain_logits
+from torch_port.tensor_checks import check_scale_tensor
 
 # ---------------------------------------------------------------------------------------------
 # Target transforms psi(cos_y, theta_y) and the configurations built from them
@@ -78,10 +79,10 @@ def combined_margin_target(m1: float, m2: float, m3: float) -> TargetFn:
 
 
 def normface_config(s) -> MarginConfig:
-    """NormFace: s cos theta for every class. ``s`` is a number > 0 or a 0-d tensor (a learnable scale)."""
-    if not isinstance(s, torch.Tensor):
-        s = check_scale(s)
-    return MarginConfig(scale=s)
+    """NormFace: s cos theta for every class. ``s`` is a finite number > 0, or a floating-point 0-d
+    tensor (a learnable scale) held to the same rules, its value read once to check it
+    (:func:`torch_port.tensor_checks.check_scale_tensor`)."""
+    return MarginConfig(scale=check_scale_tensor(s) if isinstance(s, torch.Tensor) else check_scale(s))
 
 
 def cosface_config(s, m) -> MarginConfig:
@@ -115,7 +116,7 @@ def normface_logits(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor | None = N
     Args:
         x: (B, D) features. W: (C, D) class weights.
         y: optional (B,) labels in [0, C), only validated (NormFace has no margin).
-        s: scale > 0.
+        s: scale > 0: a number, or a floating-point 0-d tensor (see :func:`normface_loss`).
 
     Returns:
         (B, C) logits in float32 (float64 for float64 inputs).
@@ -143,7 +144,12 @@ def normface_loss(
 
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
-        s: scale > 0 (default 16). reduction: "mean", "sum" or "none".
+        s: scale > 0 (default 16): a finite number, or a floating-point 0-d tensor such as a
+            learnable scale (differentiable), held to the same rules with the same errors. A
+            tensor's value is read back once per call to check it (one synchronisation on GPU);
+            ``NormFace(learn_scale=True)`` keeps s = exp(log_scale) > 0 by construction and skips
+            that read.
+        reduction: "mean", "sum" or "none".
         chunk_size: None, or the number of classes per chunk on the memory-efficient path.
 
     Returns:

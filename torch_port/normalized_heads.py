@@ -29,6 +29,7 @@ from softmax_common.checks import (
 from torch_port.engine import MarginConfig
 from torch_port.heads import MarginHead
 from torch_port.normalized import arcface_config, combined_margin_config, cosface_config, normface_config
+from torch_port.tensor_checks import check_scale_tensor
 
 
 class NormFace(MarginHead):
@@ -41,6 +42,15 @@ class NormFace(MarginHead):
     its gradient s dL/ds makes steps relative to s (the NormFace paper learns s as a parameter and
     recommends it). ``log_scale`` is kept in float32 at least (float64 for a float64 head) so that
     the initial scale is exact.
+
+    Checks of a learned scale: every value that enters from outside is checked (``s`` here, the
+    ``s`` setter, and ``log_scale`` in a checkpoint given to ``load_state_dict``, which must be
+    finite with exp(log_scale) a valid s). What the optimiser makes of it is not read back on each
+    step (on GPU that would be a host synchronisation per step): a log_scale in exp's range is a
+    positive scale, and one that is non-finite or past exp's range (above about 88.7 in float32: a
+    diverged run) gives a non-finite loss, visible to the caller and to AMP's GradScaler, not a
+    silently wrong one. The one case that stays silent is exp underflowing to 0 (log_scale below
+    about -104 in float32, -745 in float64), which no ordinary step reaches.
 
     Args:
         num_classes: C >= 1. dim: feature dimension D >= 1.
@@ -88,8 +98,26 @@ class NormFace(MarginHead):
         else:
             self._fixed_scale = value
 
+    def check_state_values(self, state_dict, prefix: str) -> None:
+        """A checkpoint's ``log_scale`` must be finite with exp(log_scale) a valid s (finite, > 0),
+        in this head's dtype; checked before anything is loaded."""
+        key = prefix + "log_scale"
+        if not self.learn_scale or key not in state_dict:
+            return
+        log_scale = state_dict[key].detach().to(self.log_scale.dtype)
+        if not torch.isfinite(log_scale):
+            raise ValueError(f"the checkpoint's {key!r} must be finite, got {log_scale.item()}")
+        try:
+            check_scale(log_scale.exp().item())
+        except ValueError as error:
+            raise ValueError(f"the checkpoint's {key!r} = {log_scale.item()} is not a valid scale: {error}") from None
+
     def margin_config(self) -> MarginConfig:
-        return normface_config(self.log_scale.exp() if self.learn_scale else self._fixed_scale)
+        if not self.learn_scale:
+            return normface_config(self._fixed_scale)
+        # exp(log_scale) > 0 by construction: the shape and dtype are checked, the value is not read
+        # (that would be a host synchronisation per step on GPU); see the class docstring.
+        return MarginConfig(scale=check_scale_tensor(self.log_scale.exp(), read_value=False))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, s={self.s:.6g}, learn_scale={self.learn_scale}"

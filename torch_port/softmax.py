@@ -63,8 +63,7 @@ def cross_entropy(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean"
     """
     reduction = check_reduction(reduction)
     check_float_tensor(logits, "logits", ndim=2)
-    y = check_labels(y, *logits.shape)
-    check_same_device(("logits", logits), ("y", y))
+    y = check_labels(y, *logits.shape, same_device_as=("logits", logits))
     logits = logits.to(compute_dtype(("logits", logits)))
     return reduce_loss(F.cross_entropy(logits, y, reduction="none"), reduction)
 
@@ -102,8 +101,8 @@ def distillation_loss(
             f"teacher_logits must have the shape of student_logits {tuple(student_logits.shape)}, "
             f"got {tuple(teacher_logits.shape)}"
         )
-    y = check_labels(y, *student_logits.shape)
-    check_same_device(("student_logits", student_logits), ("teacher_logits", teacher_logits), ("y", y))
+    check_same_device(("student_logits", student_logits), ("teacher_logits", teacher_logits))
+    y = check_labels(y, *student_logits.shape, same_device_as=("student_logits", student_logits))
     dtype = compute_dtype(("student_logits", student_logits), ("teacher_logits", teacher_logits))
     zs, zt = student_logits.to(dtype), teacher_logits.to(dtype)
     log_ps = torch.log_softmax(zs / T, dim=-1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from softmax_common.checks import check_positive_int, check_reduction
+from softmax_common.checks import check_positive_int, check_reduction, check_scale
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -47,9 +47,40 @@ def check_same_device(*named: tuple[str, torch.Tensor]) -> None:
         raise ValueError(f"inputs are on different devices ({names})")
 
 
-def check_labels(y, batch: int, num_classes: int, name: str = "y", low: int = 0) -> torch.Tensor:
+# Unsigned label dtypes wider than 8 bits: PyTorch has no min/max (nor much else) for them. uint16
+# and uint32 convert to int64 exactly; uint64 is read through int64 with its top bit flipped, which
+# maps unsigned order onto signed order, so a label >= 2**63 is reported as itself, not wrapped.
+_EXACT_IN_INT64 = (torch.uint16, torch.uint32)
+_TOP_BIT = -(2**63)
+
+
+def _label_range(y: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(labels as int64 where that is exact, smallest, largest): one read back from the device."""
+    if y.dtype == torch.uint64:
+        flipped = torch.bitwise_xor(y.view(torch.int64), _TOP_BIT)
+        smallest, largest = (v - _TOP_BIT for v in torch.stack(torch.aminmax(flipped)).tolist())
+        return y.view(torch.int64), smallest, largest  # the view is exact once largest < num_classes
+    if y.dtype in _EXACT_IN_INT64:
+        y = y.to(torch.int64)
+    smallest, largest = torch.stack(torch.aminmax(y)).tolist()
+    return y, smallest, largest
+
+
+def check_labels(
+    y,
+    batch: int,
+    num_classes: int,
+    name: str = "y",
+    low: int = 0,
+    same_device_as: tuple[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Integer labels of shape (batch,) with values in [low, num_classes) (low is 0, or -1 where
-    -1 marks a row whose target is not among the classes).
+    -1 marks a row whose target is not among the classes); returns them as int64.
+
+    Every integer dtype is accepted, unsigned ones included (uint16, uint32 and uint64, for which
+    PyTorch has no min/max, are read exactly; indexing needs int64 anyway). ``same_device_as``
+    (name, tensor): the labels must be on that tensor's device, checked before any value is read,
+    so labels on another device (or on ``meta``, which holds no values) get the device error.
 
     The range check reads the smallest and largest label back from the device in one transfer (a
     synchronisation on GPU); it is the price of a clear error instead of a device-side assert or a
@@ -61,7 +92,11 @@ def check_labels(y, batch: int, num_classes: int, name: str = "y", low: int = 0)
         raise TypeError(f"{name} must be an integer tensor of class indices, got dtype {y.dtype}")
     if tuple(y.shape) != (batch,):
         raise ValueError(f"{name} must have shape ({batch},) to match the batch, got {tuple(y.shape)}")
-    smallest, largest = torch.stack(torch.aminmax(y)).tolist()
+    if same_device_as is not None:
+        check_same_device(same_device_as, (name, y))
+    if y.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device, which holds no values; put the labels on a real device")
+    y, smallest, largest = _label_range(y)
     if smallest < low or largest >= num_classes:
         raise ValueError(f"{name} must lie in [{low}, {num_classes}), got values in [{smallest}, {largest}]")
     return y.long()
@@ -83,9 +118,26 @@ def check_features_table_labels(x, table, y, table_name: str, low: int = 0):
     check_same_device(("x", x), (table_name, table))
     if y is None:
         return None
-    y = check_labels(y, x.shape[0], table.shape[0], low=low)
-    check_same_device(("x", x), ("y", y))
-    return y
+    return check_labels(y, x.shape[0], table.shape[0], low=low, same_device_as=("x", x))
+
+
+def check_scale_tensor(s: torch.Tensor, *, read_value: bool = True) -> torch.Tensor:
+    """A scale s given as a tensor (a learnable s, or s kept on a device), held to the rules of a number.
+
+    Always, from metadata alone: a floating-point 0-d tensor (a (B, 1) tensor would silently scale
+    each row by its own s). ``read_value=True`` also requires its value to be finite and > 0 by
+    :func:`softmax_common.checks.check_scale`, with the error a number gets; that reads the value
+    back from the device (a synchronisation on GPU). ``read_value=False`` is for callers that keep
+    the scale positive by construction (``NormFace(learn_scale=True)``'s s = exp(log_scale)) and
+    would otherwise pay that read on every training step.
+    """
+    if not s.is_floating_point():
+        raise TypeError(f"s must be a real number or a floating-point 0-d tensor, got a tensor of dtype {s.dtype}")
+    if s.dim() != 0:
+        raise ValueError(f"s must be a number or a 0-d tensor (one scale for every logit), got shape {tuple(s.shape)}")
+    if read_value:
+        check_scale(float(s.detach()))
+    return s
 
 
 def check_chunk_size(chunk_size) -> int | None:
@@ -110,6 +162,7 @@ __all__ = [
     "check_labels",
     "check_reduction",
     "check_same_device",
+    "check_scale_tensor",
     "compute_dtype",
     "reduce_loss",
 ]

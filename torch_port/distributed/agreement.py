@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from softmax_common.checks import check_positive_int
 from torch_port.engine import MarginConfig, check_inputs
-from torch_port.tensor_checks import check_labels, check_same_device
+from torch_port.tensor_checks import check_labels
 
 # Angles at which a margin's target transform psi is evaluated to compare configurations across
 # ranks: a callable cannot be compared by identity between processes, its values can.
@@ -109,8 +109,7 @@ def check_local(x, W, y, config, num_classes, rank, world) -> tuple[int, int, to
             f"[{start}, {end}) of num_classes={num_classes}, got {tuple(W.shape)}"
         )
     if y is not None:
-        y = check_labels(y, x.shape[0], num_classes)
-        check_same_device(("x", x), ("y", y))
+        y = check_labels(y, x.shape[0], num_classes, same_device_as=("x", x))
     return start, end, y
 
 
