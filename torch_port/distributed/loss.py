@@ -79,6 +79,7 @@ def sharded_loss(
         feature_grad_scale = check_positive(feature_grad_scale, "feature_grad_scale")
         chunk_size = check_chunk_size(chunk_size)
         start, end, y = check_local(x, W, y, config, num_classes, rank, world)
+        dtype = compute_dtype(("x", x), ("W", W))
         metadata = {
             **common_metadata(x, W, num_classes, config),
             "reduction": reduction,
@@ -92,12 +93,11 @@ def sharded_loss(
                 W.requires_grad,
             ),
         }
-    except (TypeError, ValueError) as err:
+    except Exception as err:  # whatever it is, every rank must hear of it (agreement.exchange_metadata)
         local_error = err
-    everyone = exchange_metadata(local_error, metadata, rank, world, group)
+    everyone = exchange_metadata("loss", local_error, metadata, rank, world, group)
     sizes = [meta["batch"] for meta in everyone]
 
-    dtype = compute_dtype(("x", x), ("W", W))
     with torch.autocast(device_type=x.device.type, enabled=False):
         x_all = gather_rows(x.to(dtype), sizes, group, feature_grad_scale)
         y_all = all_gather_rows(y, sizes, group)
@@ -235,14 +235,14 @@ def sharded_logits(x: torch.Tensor, W: torch.Tensor, config: MarginConfig, *, nu
     local_error, metadata = None, {}
     try:
         check_local(x, W, None, config, num_classes, rank, world)
+        dtype = compute_dtype(("x", x), ("W", W))
         metadata = common_metadata(x, W, num_classes, config)
-    except (TypeError, ValueError) as err:
+    except Exception as err:  # whatever it is, every rank must hear of it (agreement.exchange_metadata)
         local_error = err
-    everyone = exchange_metadata(local_error, metadata, rank, world, group)
+    everyone = exchange_metadata("logits", local_error, metadata, rank, world, group)
     sizes = [meta["batch"] for meta in everyone]
     widths = [stop - begin for begin, stop in (shard_range(num_classes, world, r) for r in range(world))]
     with torch.no_grad():
-        dtype = compute_dtype(("x", x), ("W", W))
         x_all = all_gather_rows(x.to(dtype), sizes, group)
         mine = plain_logits(x_all, W, dataclasses.replace(config, target=None))
         # all_to_all needs one column count: pad every shard's columns to the widest shard's.
