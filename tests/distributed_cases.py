@@ -136,6 +136,11 @@ CASES = [
     Case("feature-grad-scale", "cosface", num_classes=8, grad_scale_is_world_size=True),
     Case("different-objectives-per-rank", "arcface", num_classes=9, rank_weighted_objective=True),
     Case("sampled-negatives", "cosface", num_classes=40, via="head", sample_rate=0.3, batch=(2, 3, 1, 2)),
+    # Ranks without samples (x of shape (0, D)): the loss is that of the other ranks' samples.
+    Case("empty-rank-mean", "arcface", num_classes=9, batch=(0, 5, 0, 3)),
+    Case("empty-rank-sum-chunked", "cosface", num_classes=10, batch=(4, 0, 3, 0), reduction="sum", chunk_size=3),
+    Case("empty-rank-none-head", "combined-m1", num_classes=8, batch=(0, 4, 2, 0), reduction="none", via="head"),
+    Case("empty-rank-float32-norms", "lsoftmax-annealed", num_classes=7, batch=(3, 0, 0, 2), dtype="float32"),
     *_random_cases(),
 ]
 

@@ -19,6 +19,8 @@ What keeps it from hanging or leaking:
   the workers and raises, and the next call starts a fresh group;
 - any failed call also restarts the group (a rank that raised may have left the other inside a
   collective);
+- fault scenarios (``("scenario", name)``, tests/distributed_faults.py) run on a fresh group with
+  a timeout of a few seconds, so a rank left waiting by a regression fails within seconds;
 - ``close()`` (the fixture's teardown in tests/conftest.py) stops the workers and kills any that
   do not exit; a worker whose pipe closes (the test process died) exits by itself.
 
@@ -56,10 +58,11 @@ STOP_GRACE_S = 10
 class ShardedCall:
     """One evaluation of a record's loss on the sharded path, with global (unsplit) inputs.
 
-    record: the registry name; each worker builds ``record.config(kwargs)`` itself (configurations
-    hold closures, which do not pickle). cotangent: the weights w of the backward objective
-    sum(loss * w), shaped like the loss; None computes no gradients. autocast: None, or the dtype
-    the forward runs under ``torch.autocast("cpu", ...)`` on every rank (backward outside it).
+    record: the registry name; each worker builds ``record.config(kwargs)`` itself (so a call
+    carries plain data only, and the configuration is built as the tests build it). cotangent:
+    the weights w of the backward objective sum(loss * w), shaped like the loss; None computes no
+    gradients. autocast: None, or the dtype the forward runs under ``torch.autocast("cpu", ...)``
+    on every rank (backward outside it).
     """
 
     record: str
@@ -292,6 +295,10 @@ def _serve(fd: int, rank: int, world: int, store: str) -> None:
         try:
             if kind == "call":
                 answer = ("ok", _compute(payload, rank, world))
+            elif kind == "scenario":  # a fault scenario of tests/distributed_faults.py, by name
+                from tests.distributed_faults import run_scenario
+
+                answer = ("ok", run_scenario(payload, rank, world))
             elif kind == "sleep":  # for the runner's own timeout test (tests/test_helpers.py)
                 time.sleep(payload)
                 answer = ("ok", None)

@@ -101,8 +101,10 @@ def test_python_blocks_run_in_order(path):
     for line, code in python_blocks(path):
         if NEEDS_PROCESS_GROUP in code:
             continue  # compiled and reported by test_process_group_blocks_compile
-        # Leading newlines put each line at its own line number in tracebacks.
-        exec(compile("\n" * (line - 1) + code, str(path), "exec"), namespace)
+        # Leading newlines put each line at its own line number in tracebacks. dont_inherit: the
+        # block compiles as a reader's script would, without this file's __future__ imports (with
+        # them, annotations are strings, which a dataclass resolves through sys.modules).
+        exec(compile("\n" * (line - 1) + code, str(path), "exec", dont_inherit=True), namespace)
 
 
 PROCESS_GROUP_BLOCKS = [

@@ -16,6 +16,7 @@ Derivations: ``derivations/06-lsoftmax.md``, ``derivations/07-sphereface.md``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -107,27 +108,32 @@ def lsoftmax_psi(theta: torch.Tensor, m: int) -> torch.Tensor:
         return (1.0 - 2.0 * torch.remainder(k, 2)) * torch.cos(m * theta) - 2.0 * k
 
 
-def annealed_margin_target(m: int, weight: float):
-    """The engine's target transform psi_w(cos, theta) = (w cos + psi(theta)) / (1 + w)."""
+@dataclass(frozen=True)
+class AnnealedMarginTarget:
+    """The engine's target transform psi_w(cos, theta) = (w cos + psi(theta)) / (1 + w), with psi
+    the margin function of multiplier m (evaluated from the cosine, see :func:`lsoftmax_psi`).
 
-    def target(cos_y: torch.Tensor, theta_y: torch.Tensor) -> torch.Tensor:
-        return (weight * cos_y + _psi_from_cosine(cos_y, theta_y, m)) / (1.0 + weight)
+    A frozen dataclass rather than a closure, so configurations pickle and compare by value."""
 
-    return target
+    m: int
+    weight: float
+
+    def __call__(self, cos_y: torch.Tensor, theta_y: torch.Tensor) -> torch.Tensor:
+        return (self.weight * cos_y + _psi_from_cosine(cos_y, theta_y, self.m)) / (1.0 + self.weight)
 
 
 def lsoftmax_config(m: int, beta: float) -> MarginConfig:
     """L-Softmax as an engine configuration: logits |W_j||x| cos, target |W_y||x| psi_beta."""
     m = check_positive_int(m, "m")
     beta = check_nonnegative(beta, "beta")
-    return MarginConfig(target=annealed_margin_target(m, beta), feature_norm=True, weight_norm=True)
+    return MarginConfig(target=AnnealedMarginTarget(m, beta), feature_norm=True, weight_norm=True)
 
 
 def sphereface_config(m: int, lamb: float) -> MarginConfig:
     """A-Softmax as an engine configuration: logits |x| cos (W normalised), target |x| psi_lambda."""
     m = check_positive_int(m, "m")
     lamb = check_nonnegative(lamb, "lamb")
-    return MarginConfig(target=annealed_margin_target(m, lamb), feature_norm=True)
+    return MarginConfig(target=AnnealedMarginTarget(m, lamb), feature_norm=True)
 
 
 def lsoftmax_logits(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, m: int = 4, beta: float = 0.0) -> torch.Tensor:
@@ -223,6 +229,7 @@ def sphereface_loss(
 
 
 __all__ = [
+    "AnnealedMarginTarget",
     "cos_m_theta",
     "lsoftmax_logits",
     "lsoftmax_loss",

@@ -20,6 +20,7 @@ the last bit.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -36,7 +37,7 @@ from softmax_common.closed_forms import (
     cosface_min_scale,
     normface_lower_bound,
 )
-from torch_port.engine import MarginConfig, TargetFn, check_inputs, margin_cross_entropy, margin_logits, plain_logits
+from torch_port.engine import MarginConfig, check_inputs, margin_cross_entropy, margin_logits, plain_logits
 from torch_port.tensor_checks import check_scale_tensor
 
 # ---------------------------------------------------------------------------------------------
@@ -44,38 +45,49 @@ from torch_port.tensor_checks import check_scale_tensor
 # ---------------------------------------------------------------------------------------------
 
 
-def cosface_target(m: float) -> TargetFn:
+# Each transform is a small frozen dataclass with ``__call__`` rather than a closure: a configuration,
+# and a ShardedMarginHead that stores one, can then be pickled and saved whole (torch.save), and two
+# transforms built from the same hyperparameters compare equal (so do their MarginConfigs).
+
+
+@dataclass(frozen=True)
+class CosFaceTarget:
     """psi = cos theta - m (CosFace, AM-Softmax); smooth, so it uses the cosine, not the angle."""
 
-    def psi(cos_y: torch.Tensor, theta_y: torch.Tensor) -> torch.Tensor:
-        return cos_y - m
+    m: float
 
-    return psi
+    def __call__(self, cos_y: torch.Tensor, theta_y: torch.Tensor) -> torch.Tensor:
+        return cos_y - self.m
 
 
-def arcface_target(m: float, easy_margin: bool) -> TargetFn:
-    """psi = cos(theta + m) while theta + m <= pi, else cos theta - m sin m; or the easy margin."""
-    gap = arcface_fallback_gap(m)
+@dataclass(frozen=True)
+class ArcFaceTarget:
+    """psi = cos(theta + m) while theta + m <= pi, else cos theta - m sin m; or the easy margin
+    (cos(theta + m) where cos theta > 0, else cos theta)."""
 
-    def psi(cos_y: torch.Tensor, theta_y: torch.Tensor) -> torch.Tensor:
-        shifted = torch.cos(theta_y + m)
-        if easy_margin:
+    m: float
+    easy_margin: bool
+
+    def __call__(self, cos_y: torch.Tensor, theta_y: torch.Tensor) -> torch.Tensor:
+        shifted = torch.cos(theta_y + self.m)
+        if self.easy_margin:
             return torch.where(cos_y > 0, shifted, cos_y)
         # The fallback uses the cosine (smooth at theta = pi) rather than cos(theta_y).
-        return torch.where(theta_y + m <= math.pi, shifted, cos_y - gap)
-
-    return psi
+        return torch.where(theta_y + self.m <= math.pi, shifted, cos_y - arcface_fallback_gap(self.m))
 
 
-def combined_margin_target(m1: float, m2: float, m3: float) -> TargetFn:
+@dataclass(frozen=True)
+class CombinedMarginTarget:
     """psi = cos(m1 theta + m2) - m3 while m1 theta + m2 <= pi, else cos theta - m3 - c(m1, m2)."""
-    gap = combined_margin_gap(m1, m2)
 
-    def psi(cos_y: torch.Tensor, theta_y: torch.Tensor) -> torch.Tensor:
-        angle = m1 * theta_y + m2
-        return torch.where(angle <= math.pi, torch.cos(angle) - m3, (cos_y - m3) - gap)
+    m1: float
+    m2: float
+    m3: float
 
-    return psi
+    def __call__(self, cos_y: torch.Tensor, theta_y: torch.Tensor) -> torch.Tensor:
+        angle = self.m1 * theta_y + self.m2
+        gap = combined_margin_gap(self.m1, self.m2)
+        return torch.where(angle <= math.pi, torch.cos(angle) - self.m3, (cos_y - self.m3) - gap)
 
 
 def normface_config(s) -> MarginConfig:
@@ -88,19 +100,19 @@ def normface_config(s) -> MarginConfig:
 def cosface_config(s, m) -> MarginConfig:
     """CosFace/AM-Softmax: target s (cos theta - m)."""
     s, m = check_scale(s), check_cosine_margin(m)
-    return MarginConfig(target=cosface_target(m), scale=s)
+    return MarginConfig(target=CosFaceTarget(m), scale=s)
 
 
 def arcface_config(s, m, easy_margin) -> MarginConfig:
     """ArcFace: target s cos(theta + m), with the fallback (or the easy margin)."""
     s, m = check_scale(s), check_angular_margin(m)
-    return MarginConfig(target=arcface_target(m, check_flag(easy_margin, "easy_margin")), scale=s)
+    return MarginConfig(target=ArcFaceTarget(m, check_flag(easy_margin, "easy_margin")), scale=s)
 
 
 def combined_margin_config(s, m1, m2, m3) -> MarginConfig:
     """Combined margin: target s (cos(m1 theta + m2) - m3), extended monotonically past pi."""
     s = check_scale(s)
-    return MarginConfig(target=combined_margin_target(*check_combined_margins(m1, m2, m3)), scale=s)
+    return MarginConfig(target=CombinedMarginTarget(*check_combined_margins(m1, m2, m3)), scale=s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,6 +408,9 @@ def combined_margin_loss(
 
 
 __all__ = [
+    "ArcFaceTarget",
+    "CombinedMarginTarget",
+    "CosFaceTarget",
     "am_softmax_logits",
     "am_softmax_loss",
     "arcface_config",

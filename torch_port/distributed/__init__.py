@@ -11,7 +11,8 @@ The subpackage, one concern per module:
 
 - ``collectives.py``: all-gather, all-reduce and log-sum-exp across ranks, each with its gradient;
 - ``agreement.py``: the class layout (:func:`shard_range`) and the metadata exchange that makes every
-  rank raise the same clear error before anything is computed;
+  rank raise the same clear error before anything is computed (whatever a rank's checks raised, or
+  ranks making different calls at the same time);
 - ``loss.py``: :func:`sharded_margin_cross_entropy` (each rank computes the engine's primitive
   ``lse_and_target`` on its shard; the pieces are combined across ranks) and :func:`sharded_logits`;
 - ``head.py``: :class:`ShardedMarginHead`, the nn.Module;

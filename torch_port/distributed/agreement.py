@@ -1,10 +1,11 @@
 """What the ranks of the class-sharded path must agree on, and how they find out before computing.
 
 - the layout: which classes each rank holds (:func:`shard_range`);
-- the call: shapes, dtypes, ``num_classes``, the loss configuration and the options; each rank
-  checks its own arguments (:func:`check_local`), then every rank's metadata is all-gathered
-  (:func:`exchange_metadata`) and every rank raises the same clear error if any rank rejected its
-  inputs or the ranks disagree, before any features are sent. A rank that fails alone would
+- the call: which operation (the loss or the logits), shapes, dtypes, ``num_classes``, the loss
+  configuration and the options; each rank checks its own arguments (:func:`check_local`; any
+  exception is caught), then every rank's metadata, or its failure, is all-gathered
+  (:func:`exchange_metadata`) and every rank raises the same clear error if any rank failed its
+  checks or the ranks disagree, before any features are sent. A rank that fails alone would
   otherwise leave the others waiting in a collective until the group's timeout.
 """
 
@@ -73,43 +74,101 @@ def config_fingerprint(config: MarginConfig, device: torch.device) -> tuple:
     return (("scale", scale), ("feature_norm", config.feature_norm), ("weight_norm", config.weight_norm), target)
 
 
-def exchange_metadata(local_error: Exception | None, metadata: dict, rank: int, world: int, group) -> list[dict]:
-    """All-gather every rank's metadata and raise the same error on every rank if any rank rejected
-    its inputs or the ranks disagree; returns the list of metadata, in rank order."""
+# What each operation is, for the error when ranks make different calls at the same time.
+OPERATIONS = {
+    "loss": "the loss (sharded_margin_cross_entropy, ShardedMarginHead.forward)",
+    "logits": "the logits (sharded_logits, ShardedMarginHead.logits)",
+}
+_MISSING = "(not given)"
+
+
+def local_failure(error: Exception) -> dict:
+    """How a rank's failed local check travels in the metadata exchange: the type every rank will
+    raise (ValueError and TypeError keep theirs; any other exception becomes a RuntimeError, its own
+    type named in the message) and the message."""
+    kind = "ValueError" if isinstance(error, ValueError) else "TypeError" if isinstance(error, TypeError) else None
+    message = str(error) if kind is not None else f"{type(error).__name__}: {error}"
+    return {"type": kind or "RuntimeError", "message": message}
+
+
+def _same_error_everywhere(failed: list[tuple[int, dict]], operation: str) -> Exception:
+    first_rank, first = failed[0]
+    others = [rank for rank, _ in failed[1:]]
+    also = f" (and rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))})" if others else ""
+    what = "the logits" if operation == "logits" else "the loss"
+    text = f"rank {first_rank}{also} rejected its inputs, so no rank computes {what}: {first['message']}"
+    return {"ValueError": ValueError, "TypeError": TypeError}.get(first["type"], RuntimeError)(text)
+
+
+def exchange_metadata(
+    operation: str, local_error: Exception | None, metadata: dict, rank: int, world: int, group
+) -> list[dict]:
+    """All-gather every rank's metadata and raise the same error on every rank if any rank failed
+    its local checks or the ranks disagree; returns the list of metadata, in rank order.
+
+    ``operation`` ("loss" or "logits", see OPERATIONS) says which call this rank is making: ranks
+    that make different calls at the same time would otherwise pair different collectives. A
+    failed check (``local_error``, any Exception) is sent instead of the metadata; then every rank
+    raises the same exception, of the first failing rank's type (ValueError, TypeError, otherwise
+    RuntimeError) and with the same message naming that rank; on the failing rank it is chained to
+    the original (``__cause__``). Every check here uses only the gathered metadata, so all ranks
+    reach the same verdict. Also refused: a global batch with no sample (B_r = 0 on every rank).
+    """
+    if operation not in OPERATIONS:
+        raise ValueError(f"operation must be one of {sorted(OPERATIONS)}, got {operation!r}")
+    mine = {"operation": operation}
     if local_error is not None:
-        metadata = {"error": f"{type(local_error).__name__}: {local_error}"}
+        mine["error"] = local_failure(local_error)
+    else:
+        mine.update(metadata)
     everyone: list = [None] * world
-    dist.all_gather_object(everyone, metadata, group=group)
+    dist.all_gather_object(everyone, mine, group=group)
     failed = [(r, meta["error"]) for r, meta in enumerate(everyone) if "error" in meta]
     if failed:
-        if local_error is not None:
-            raise local_error
-        first_rank, message = failed[0]
-        raise ValueError(f"rank {first_rank} rejected its inputs, so no rank computes the loss: {message}")
-    for key in metadata:
+        raise _same_error_everywhere(failed, operation) from local_error
+    calls = [meta["operation"] for meta in everyone]
+    if any(call != calls[0] for call in calls[1:]):
+        per_rank = "; ".join(f"rank {r}: {OPERATIONS[call]}" for r, call in enumerate(calls))
+        raise ValueError(f"every rank must make the same call at the same time, got {per_rank}")
+    keys = list(dict.fromkeys(key for meta in everyone for key in meta))  # every rank's keys, in order
+    for key in keys:
         if key == "batch":  # the one field allowed to differ: ranks may hold different batch sizes
             continue
-        values = [meta[key] for meta in everyone]
+        values = [meta.get(key, _MISSING) for meta in everyone]
         if any(value != values[0] for value in values[1:]):
             per_rank = "; ".join(f"rank {r}: {value}" for r, value in enumerate(values))
             raise ValueError(f"{key} must be the same on every rank, got {per_rank}")
+    if all(meta["batch"] == 0 for meta in everyone):
+        raise ValueError(
+            f"x must hold at least one sample on some rank: x has 0 rows on all {world} ranks, so the "
+            "global batch is empty"
+        )
     return everyone
 
 
 def check_local(x, W, y, config, num_classes, rank, world) -> tuple[int, int, torch.Tensor | None]:
-    """The single-rank checks: shapes, dtypes, the shard's size, labels in [0, C)."""
+    """The single-rank checks: shapes, dtypes, the shard's size, labels in [0, C).
+
+    A rank may hold no sample (x of shape (0, D), y of shape (0,)): its checks run on a one-row
+    stand-in of the same dtype and device, since the engine's checks refuse an empty batch (the
+    exchange refuses a global batch that is empty on every rank).
+    """
     if not isinstance(config, MarginConfig):
         raise TypeError(f"config must be a torch_port.engine.MarginConfig, got {type(config).__name__}")
     num_classes = check_positive_int(num_classes, "num_classes")
     start, end = shard_range(num_classes, world, rank)
-    check_inputs(x, W)
+    empty = isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[0] == 0 and x.shape[1] > 0
+    check_inputs(x.new_zeros((1, x.shape[1])) if empty else x, W)
     if W.shape[0] != end - start:
         raise ValueError(
             f"W must have shape ({end - start}, {x.shape[1]}): rank {rank} of {world} holds classes "
             f"[{start}, {end}) of num_classes={num_classes}, got {tuple(W.shape)}"
         )
     if y is not None:
-        y = check_labels(y, x.shape[0], num_classes, same_device_as=("x", x))
+        if empty and isinstance(y, torch.Tensor) and tuple(y.shape) == (0,):
+            y = check_labels(y.new_zeros(1), 1, num_classes, same_device_as=("x", x))[:0]
+        else:
+            y = check_labels(y, x.shape[0], num_classes, same_device_as=("x", x))
     return start, end, y
 
 
@@ -126,4 +185,13 @@ def common_metadata(x, W, num_classes, config) -> dict:
     }
 
 
-__all__ = ["PROBE_ANGLES", "check_local", "common_metadata", "config_fingerprint", "exchange_metadata", "shard_range"]
+__all__ = [
+    "OPERATIONS",
+    "PROBE_ANGLES",
+    "check_local",
+    "common_metadata",
+    "config_fingerprint",
+    "exchange_metadata",
+    "local_failure",
+    "shard_range",
+]

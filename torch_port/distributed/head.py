@@ -33,7 +33,14 @@ class ShardedMarginHead(nn.Module):
     same rank of a group of the same size; ``load_state_dict`` refuses another rank's shard before
     changing anything. To change the world size (or go to a single-process head), merge the files
     with :func:`merge_shard_weights` and give the full weight to :meth:`load_full_weight` of each
-    new head (or copy it into a single-process head's ``weight``).
+    new head (or copy it into a single-process head's ``weight``). A head on the default group
+    (``group=None``) also pickles and saves whole (``torch.save(head, f)``; load it with
+    ``weights_only=False`` on the same rank); one on an explicit group holds that ProcessGroup,
+    which does not pickle (a TypeError): save its ``state_dict()`` instead.
+
+    Every rank must make the same call at the same time (``head(x, y)`` or ``head.logits(x)``):
+    the ranks compare the call they are making before anything is sent, and all raise a ValueError
+    if they differ. A rank may hold an empty batch (x of shape (0, D)) as long as some rank does not.
 
     Args:
         num_classes: C >= the world size. dim: D >= 1.
@@ -147,9 +154,7 @@ class ShardedMarginHead(nn.Module):
     # --- checkpoints ---
 
     def get_extra_state(self) -> dict:
-        return shard_metadata(
-            self.num_classes, self.dim, self.world_size, self.rank, self.class_start, self.class_end
-        )
+        return shard_metadata(self.num_classes, self.dim, self.world_size, self.rank, self.class_start, self.class_end)
 
     def set_extra_state(self, state) -> None:
         check_shard_metadata(state, self.get_extra_state())  # already checked before any copy; cheap to repeat

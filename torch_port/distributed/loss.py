@@ -3,7 +3,9 @@ r"""The class-sharded loss: each rank's share of the engine's primitive, combine
 One training step on every rank (:func:`sharded_margin_cross_entropy`, or
 :class:`~torch_port.distributed.head.ShardedMarginHead`):
 
-1. the ranks exchange their metadata and agree, or all raise the same error (agreement.py);
+1. each rank checks its own arguments (any exception is caught), then the ranks exchange their
+   metadata (which call, shapes, dtypes, configuration, options; or the failure) and agree, or all
+   raise the same error at once (agreement.py);
 2. the features and labels of all ranks are all-gathered: every rank sees the global batch
    (B = sum of the local batches) in rank order;
 3. each rank calls the engine's primitive :func:`torch_port.engine.lse_and_target` (plain or
@@ -79,6 +81,7 @@ def sharded_loss(
         feature_grad_scale = check_positive(feature_grad_scale, "feature_grad_scale")
         chunk_size = check_chunk_size(chunk_size)
         start, end, y = check_local(x, W, y, config, num_classes, rank, world)
+        dtype = compute_dtype(("x", x), ("W", W))
         metadata = {
             **common_metadata(x, W, num_classes, config),
             "reduction": reduction,
@@ -92,12 +95,11 @@ def sharded_loss(
                 W.requires_grad,
             ),
         }
-    except (TypeError, ValueError) as err:
+    except Exception as err:  # whatever it is, every rank must hear of it (agreement.exchange_metadata)
         local_error = err
-    everyone = exchange_metadata(local_error, metadata, rank, world, group)
+    everyone = exchange_metadata("loss", local_error, metadata, rank, world, group)
     sizes = [meta["batch"] for meta in everyone]
 
-    dtype = compute_dtype(("x", x), ("W", W))
     with torch.autocast(device_type=x.device.type, enabled=False):
         x_all = gather_rows(x.to(dtype), sizes, group, feature_grad_scale)
         y_all = all_gather_rows(y, sizes, group)
@@ -167,7 +169,8 @@ def sharded_margin_cross_entropy(
     exact path.
 
     Args:
-        x: this rank's features (B_r, D), float; batch sizes may differ between ranks.
+        x: this rank's features (B_r, D), float; batch sizes may differ between ranks, and B_r may
+            be 0 on some ranks (not on all): such a rank takes part, its x gets a (0, D) gradient.
         W: this rank's shard of the class weights, ``(end - start, D)`` with
             ``(start, end) = shard_range(num_classes, world_size, rank)``.
         y: this rank's integer labels (B_r,) in [0, num_classes) (global class indices).
@@ -189,9 +192,12 @@ def sharded_margin_cross_entropy(
         The loss, in float32 (float64 for float64 inputs), equal on every rank.
 
     Raises:
-        ValueError, TypeError: on every rank, naming the argument and the rank, when any rank's
-            arguments are invalid or the ranks disagree (feature dimension, dtypes, num_classes,
-            configuration, reduction, ...); raised before any features are exchanged.
+        ValueError, TypeError: on every rank, with the same message naming the argument and the
+            rank, when any rank's arguments are invalid or the ranks disagree (the call made,
+            feature dimension, dtypes, num_classes, configuration, reduction, ...), or when no rank
+            holds a sample; raised before any features are exchanged.
+        RuntimeError: on every rank, when a rank's checks raised anything else (the message names
+            that rank and the original exception, to which the failing rank's error is chained).
 
     References:
         An et al., "Partial FC: Training 10 Million Identities on a Single Machine", ICCV 2021
@@ -223,26 +229,30 @@ def sharded_logits(x: torch.Tensor, W: torch.Tensor, config: MarginConfig, *, nu
     autograd (an inference path): the result does not require grad.
 
     Args:
-        x: this rank's features (B_r, D).
+        x: this rank's features (B_r, D); B_r may be 0 on some ranks (their result is (0, C)).
         W: this rank's shard of the class weights (see :func:`sharded_margin_cross_entropy`).
         config: the engine configuration; its target transform is ignored (no margin).
         num_classes: C. group: the process group (default: the world).
 
     Returns:
         (B_r, C) logits in the compute dtype, columns in global class order.
+
+    Raises:
+        As :func:`sharded_margin_cross_entropy`, on every rank, before any features are exchanged;
+        a rank asking for the logits while another asks for the loss is a ValueError on every rank.
     """
     rank, world = rank_and_world(group)
     local_error, metadata = None, {}
     try:
         check_local(x, W, None, config, num_classes, rank, world)
+        dtype = compute_dtype(("x", x), ("W", W))
         metadata = common_metadata(x, W, num_classes, config)
-    except (TypeError, ValueError) as err:
+    except Exception as err:  # whatever it is, every rank must hear of it (agreement.exchange_metadata)
         local_error = err
-    everyone = exchange_metadata(local_error, metadata, rank, world, group)
+    everyone = exchange_metadata("logits", local_error, metadata, rank, world, group)
     sizes = [meta["batch"] for meta in everyone]
     widths = [stop - begin for begin, stop in (shard_range(num_classes, world, r) for r in range(world))]
     with torch.no_grad():
-        dtype = compute_dtype(("x", x), ("W", W))
         x_all = all_gather_rows(x.to(dtype), sizes, group)
         mine = plain_logits(x_all, W, dataclasses.replace(config, target=None))
         # all_to_all needs one column count: pad every shard's columns to the widest shard's.
