@@ -16,11 +16,13 @@ import dataclasses
 import pytest
 import torch
 
-from tests.registry import BY_NAME
+from tests.registry import BY_NAME, RECORDS
+from torch_port import functional as F
 from torch_port.engine import margin_cross_entropy
+from torch_port.tensor_checks import set_value_checks
 
 # Each compilation takes seconds on CI's two cores: one record of each kind of configuration.
-RECORDS = ["arcface_loss", "lsoftmax_loss", "normface_loss"]
+AUTOCAST_RECORDS = ["arcface_loss", "lsoftmax_loss", "normface_loss"]
 
 
 def step(x, W, y, config):
@@ -37,7 +39,7 @@ def loss_and_grads(fn, x, W, y, config):
     return loss.detach(), torch.autograd.grad(loss, leaves)
 
 
-@pytest.mark.parametrize("name", RECORDS)
+@pytest.mark.parametrize("name", AUTOCAST_RECORDS)
 def test_compiled_step_under_autocast_matches_eager(name):
     record = BY_NAME[name]
     config = record.config(record.defaults)
@@ -57,3 +59,122 @@ def test_compiled_step_under_autocast_matches_eager(name):
         # bfloat16 products this guards against differ by 1e-3 relative.
         scale = float(eager.abs().max())
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5 * scale)
+
+
+# --- fullgraph: no graph break, no host read (issue 14) -------------------------------------------
+
+HEAD_RECORDS = [record for record in RECORDS if record.head is not None]
+LOSS_RECORDS = [record for record in RECORDS if record.config is not None and record.name.endswith("_loss")]
+
+
+def compiled_without_breaks(fn):
+    """fn compiled with fullgraph=True (a graph break is an error) on the aot_eager backend, which
+    traces forward and backward like inductor but skips code generation (seconds less per case)."""
+    return torch.compile(fn, fullgraph=True, backend="aot_eager")
+
+
+def problem(seed: int = 0, batch: int = 8, classes: int = 10, dim: int = 16):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, dim, generator=generator)
+    W = torch.randn(classes, dim, generator=generator)
+    y = torch.randint(0, classes, (batch,), generator=generator)
+    return x, W, y
+
+
+@pytest.mark.parametrize("record", HEAD_RECORDS, ids=str)
+def test_every_head_compiles_with_fullgraph(record):
+    """Two training steps of the head compiled with fullgraph=True give eager's losses, gradients and
+    state (the annealing schedules advance inside the compiled step)."""
+    x, _, y = problem()
+    torch.manual_seed(0)
+    eager = record.head(record.defaults, 10, 16)
+    torch.manual_seed(0)
+    head = record.head(record.defaults, 10, 16)
+    torch._dynamo.reset()
+    compiled = compiled_without_breaks(head)
+    for _ in range(2):
+        xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+        expected, got = eager(xe, y), compiled(xc, y)
+        expected.backward()
+        got.backward()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-6)
+    for (name, a), (_, b) in zip(head.named_parameters(), eager.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+    for (name, a), (_, b) in zip(head.named_buffers(), eager.named_buffers()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("record", LOSS_RECORDS, ids=str)
+def test_every_functional_margin_loss_compiles_with_fullgraph(record):
+    x, W, y = problem(1)
+    kwargs = record.defaults
+
+    def loss(x, W, y):
+        return record.port(x=x, W=W, y=y, **kwargs)
+
+    torch._dynamo.reset()
+    results = []
+    for fn in (loss, compiled_without_breaks(loss)):
+        leaves = (x.clone().requires_grad_(), W.clone().requires_grad_())
+        value = fn(*leaves, y)
+        results.append((value.detach(), torch.autograd.grad(value, leaves)))
+    (expected, expected_grads), (got, grads) = results
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_labels_out_of_range_are_caught_inside_a_compiled_step():
+    """The range check becomes a device-side assertion under torch.compile: still an error, with
+    the argument named, rather than a graph break (or, for a label of -1, a silently absent target)."""
+    x, W, _ = problem(2)
+
+    def loss(x, W, y):
+        return F.arcface_loss(x, W, y)
+
+    torch._dynamo.reset()
+    compiled = compiled_without_breaks(loss)
+    assert torch.isfinite(compiled(x, W, torch.zeros(8, dtype=torch.int64)))
+    for bad in (10, -1):
+        y = torch.zeros(8, dtype=torch.int64)
+        y[3] = bad
+        with pytest.raises(RuntimeError, match=r"y must lie in \[0, 10\)"):
+            compiled(x, W, y)
+
+
+@pytest.mark.parametrize("mode", ["host", "device"])
+def test_value_check_modes(mode):
+    """"host" reads the range (ValueError with the values found); "device" asserts without a read
+    (on the CPU the assertion fails at once, as a RuntimeError)."""
+    x, W, _ = problem(3)
+    y = torch.full((8,), 12)
+    previous = set_value_checks(mode)
+    try:
+        error, message = (ValueError, r"got values in \[12, 12\]") if mode == "host" else (RuntimeError, "device-side")
+        with pytest.raises(error, match=message):
+            F.cosface_loss(x, W, y)
+        with pytest.raises(error, match=message):
+            F.cosface_loss(x, W, y, chunk_size=4)
+    finally:
+        set_value_checks(previous)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        set_value_checks("never")
+
+
+def test_device_checks_read_nothing_back(monkeypatch):
+    """With device-side checks (what torch.compile and accelerators get) the plain path's step reads
+    nothing back to the host: no synchronisation on a GPU."""
+    from tests.test_engine import HostReads
+
+    x, W, y = problem(4)
+    W.requires_grad_()
+    scale = torch.tensor(16.0, requires_grad=True)
+    previous = set_value_checks("device")
+    try:
+        with HostReads(monkeypatch) as probe:
+            F.normface_loss(x, W, y, s=scale).backward()
+            F.arcface_loss(x, W, y).backward()
+    finally:
+        set_value_checks(previous)
+    assert probe.count == 0

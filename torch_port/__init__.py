@@ -12,6 +12,7 @@ from torch_port.center import CenterLoss
 from torch_port.distillation import DistillationLoss
 from torch_port.distributed import ShardedMarginHead
 from torch_port.normalized_heads import AMSoftmax, ArcFace, CombinedMargin, CosFace, NormFace
+from torch_port.tensor_checks import set_value_checks
 
 __all__ = [
     "AMSoftmax",
@@ -27,4 +28,5 @@ __all__ = [
     "SphereFace",
     "__version__",
     "functional",
+    "set_value_checks",
 ]

@@ -113,26 +113,38 @@ class AnnealedMarginTarget:
     """The engine's target transform psi_w(cos, theta) = (w cos + psi(theta)) / (1 + w), with psi
     the margin function of multiplier m (evaluated from the cosine, see :func:`lsoftmax_psi`).
 
-    A frozen dataclass rather than a closure, so configurations pickle and compare by value."""
+    A frozen dataclass rather than a closure, so configurations pickle and compare by value. The
+    weight is a number, or a 0-d tensor (a head's :meth:`~torch_port.MarginSchedule.weight`, computed
+    on the device from the iteration buffer, so a compiled or CUDA step never reads it back)."""
 
     m: int
-    weight: float
+    weight: float | torch.Tensor
 
     def __call__(self, cos_y: torch.Tensor, theta_y: torch.Tensor) -> torch.Tensor:
         return (self.weight * cos_y + _psi_from_cosine(cos_y, theta_y, self.m)) / (1.0 + self.weight)
 
 
-def lsoftmax_config(m: int, beta: float) -> MarginConfig:
+def annealing_weight(value, name: str) -> float | torch.Tensor:
+    """An annealing weight >= 0: a number (checked), or a 0-d floating-point tensor that a
+    :class:`~torch_port.MarginSchedule` computed (>= 0 by construction; its value is not read)."""
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point() or value.dim() != 0:
+            raise TypeError(f"{name} must be a number >= 0 or a floating-point 0-d tensor, got {value!r}")
+        return value
+    return check_nonnegative(value, name)
+
+
+def lsoftmax_config(m: int, beta: float | torch.Tensor) -> MarginConfig:
     """L-Softmax as an engine configuration: logits |W_j||x| cos, target |W_y||x| psi_beta."""
     m = check_positive_int(m, "m")
-    beta = check_nonnegative(beta, "beta")
+    beta = annealing_weight(beta, "beta")
     return MarginConfig(target=AnnealedMarginTarget(m, beta), feature_norm=True, weight_norm=True)
 
 
-def sphereface_config(m: int, lamb: float) -> MarginConfig:
+def sphereface_config(m: int, lamb: float | torch.Tensor) -> MarginConfig:
     """A-Softmax as an engine configuration: logits |x| cos (W normalised), target |x| psi_lambda."""
     m = check_positive_int(m, "m")
-    lamb = check_nonnegative(lamb, "lamb")
+    lamb = annealing_weight(lamb, "lamb")
     return MarginConfig(target=AnnealedMarginTarget(m, lamb), feature_norm=True)
 
 

@@ -88,6 +88,13 @@ class MarginSchedule(AtomicLoad, nn.Module):
         """w at the current iteration (reads the buffer: one device synchronisation if it is on a GPU)."""
         return self.value_at(int(self.iteration))
 
+    def weight(self) -> torch.Tensor:
+        """w at the current iteration as a 0-d tensor on the buffer's device, computed there (float64,
+        float32 on MPS): no host read, so a compiled step keeps one graph and a CUDA step never waits."""
+        dtype = torch.float32 if self.iteration.device.type == "mps" else torch.float64
+        t = self.iteration.detach().to(dtype)
+        return torch.clamp_min(self.base * (1.0 + self.gamma * t) ** (-self.power), self.minimum)
+
     @torch.no_grad()
     def step(self) -> None:
         """Advance the iteration by one."""
@@ -101,12 +108,12 @@ class _AnnealedMarginHead(MarginHead):
     """A margin head whose margin weight follows a :class:`MarginSchedule`.
 
     Training forward (training mode and autograd enabled): the loss of the margin logits with
-    w = schedule.value(), then the schedule advances by one, after the loss is computed, so a call
-    that fails (bad labels, shapes) leaves it where it was. Any other forward (eval mode, or under
-    ``torch.no_grad()``/``torch.inference_mode()``) does not advance it; in eval mode the loss is the
-    cross-entropy of the margin-free logits, what a validation loss should measure. With gradient
-    accumulation over k micro-batches the schedule advances k times per optimizer step: divide gamma
-    by k to keep the released pace.
+    w = schedule.weight() (computed on the device), then the schedule advances by one, after the
+    loss is computed, so a call that fails (bad labels, shapes) leaves it where it was. Any other
+    forward (eval mode, or under ``torch.no_grad()``/``torch.inference_mode()``) does not advance it;
+    in eval mode the loss is the cross-entropy of the margin-free logits, what a validation loss
+    should measure. With gradient accumulation over k micro-batches the schedule advances k times
+    per optimizer step: divide gamma by k to keep the released pace.
     """
 
     def __init__(self, num_classes, dim, m, schedule, *, reduction, chunk_size, device, dtype) -> None:
@@ -117,11 +124,11 @@ class _AnnealedMarginHead(MarginHead):
         self.m = m
         self.schedule = schedule
 
-    def _config(self, m: int, weight: float) -> MarginConfig:
+    def _config(self, m: int, weight: float | torch.Tensor) -> MarginConfig:
         raise NotImplementedError
 
     def margin_config(self) -> MarginConfig:
-        return self._config(self.m, self.schedule.value())
+        return self._config(self.m, self.schedule.weight())
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not self.training:
@@ -142,7 +149,7 @@ class LSoftmax(_AnnealedMarginHead):
     :math:`\|W_y\|\|x\| (\beta\cos\theta_y + \psi(\theta_y)) / (1 + \beta)`, beta from ``schedule``.
 
     ``forward(x, y)`` -> loss; ``logits(x)`` -> the margin-free logits W x (no bias) for inference.
-    A training forward (training mode, autograd enabled) uses beta = ``schedule.value()`` and then
+    A training forward (training mode, autograd enabled) uses beta = ``schedule.weight()`` and then
     advances the schedule by one; in eval mode the loss is that of the margin-free logits, and
     neither eval mode nor ``torch.no_grad()`` advances the schedule.
 
@@ -180,7 +187,7 @@ class LSoftmax(_AnnealedMarginHead):
     def reset_parameters(self) -> None:
         nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="relu")
 
-    def _config(self, m: int, weight: float) -> MarginConfig:
+    def _config(self, m: int, weight: float | torch.Tensor) -> MarginConfig:
         return lsoftmax_config(m, weight)
 
 
@@ -189,7 +196,7 @@ class SphereFace(_AnnealedMarginHead):
     :math:`\|x\| (\lambda\cos\theta_y + \psi(\theta_y)) / (1 + \lambda)`, lambda from ``schedule``.
 
     ``forward(x, y)`` -> loss; ``logits(x)`` -> the margin-free logits |x| cos theta_j for inference.
-    A training forward (training mode, autograd enabled) uses lambda = ``schedule.value()`` and then
+    A training forward (training mode, autograd enabled) uses lambda = ``schedule.weight()`` and then
     advances the schedule by one; in eval mode the loss is that of the margin-free logits, and
     neither eval mode nor ``torch.no_grad()`` advances the schedule.
 
@@ -223,7 +230,7 @@ class SphereFace(_AnnealedMarginHead):
             num_classes, dim, m, schedule, reduction=reduction, chunk_size=chunk_size, device=device, dtype=dtype
         )
 
-    def _config(self, m: int, weight: float) -> MarginConfig:
+    def _config(self, m: int, weight: float | torch.Tensor) -> MarginConfig:
         return sphereface_config(m, weight)
 
 

@@ -66,6 +66,55 @@ def _label_range(y: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return y, smallest, largest
 
 
+# How the values of labels (and of a tensor scale) are checked; see set_value_checks.
+VALUE_CHECK_MODES = ("auto", "host", "device")
+_value_checks = "auto"
+
+
+def set_value_checks(mode: str) -> str:
+    """Choose how label ranges (and a tensor scale's value) are checked; returns the previous mode.
+
+    - ``"auto"`` (the default): read back to the host (a clear error with the values found) in eager
+      code on the CPU, where reading costs nothing; a device-side assertion everywhere else: inside
+      ``torch.compile`` (a host read would break the graph), while a CUDA graph is captured, and in
+      eager code on an accelerator (a host read synchronises the device every step).
+    - ``"host"``: always read back, for the clearest error while debugging on a GPU (one
+      synchronisation per call; under torch.compile it breaks the graph).
+    - ``"device"``: always a device-side assertion (``torch._assert_async``): no read, no
+      synchronisation, no graph break. Its message names the argument and the allowed range but not
+      the values; on CUDA it is reported asynchronously, as a device-side assert, and the CUDA
+      context cannot be used afterwards (as with any device-side assert).
+    """
+    global _value_checks
+    if mode not in VALUE_CHECK_MODES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, VALUE_CHECK_MODES))}, got {mode!r}")
+    previous, _value_checks = _value_checks, mode
+    return previous
+
+
+def checks_on_device(t: torch.Tensor) -> bool:
+    """Whether a value check of ``t`` runs as a device-side assertion (see :func:`set_value_checks`)."""
+    if _value_checks != "auto":
+        return _value_checks == "device"
+    if torch.compiler.is_compiling():
+        return True
+    if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return True
+    return t.device.type != "cpu"
+
+
+def _assert_labels_on_device(y: torch.Tensor, name: str, low: int, num_classes: int) -> torch.Tensor:
+    """The range check as a device-side assertion; returns the labels as int64 (exact where valid)."""
+    message = f"{name} must lie in [{low}, {num_classes}) (a device-side check: see torch_port.set_value_checks)"
+    if y.dtype == torch.uint64:  # unsigned order through the flipped top bit, as in _label_range
+        flipped = torch.bitwise_xor(y.view(torch.int64), _TOP_BIT)
+        torch._assert_async((flipped < _TOP_BIT + num_classes).all(), message)
+        return y.view(torch.int64)
+    y = y.to(torch.int64)
+    torch._assert_async(((y >= low) & (y < num_classes)).all(), message)
+    return y
+
+
 def check_labels(
     y,
     batch: int,
@@ -82,9 +131,10 @@ def check_labels(
     (name, tensor): the labels must be on that tensor's device, checked before any value is read,
     so labels on another device (or on ``meta``, which holds no values) get the device error.
 
-    The range check reads the smallest and largest label back from the device in one transfer (a
-    synchronisation on GPU); it is the price of a clear error instead of a device-side assert or a
-    silently wrong gather.
+    The range check reads the smallest and largest label back to the host in one transfer, in
+    eager code on the CPU (a ValueError with the values found); inside torch.compile, during CUDA
+    graph capture and on accelerators it is a device-side assertion instead, which neither breaks a
+    compiled graph nor synchronises the device (:func:`set_value_checks` chooses otherwise).
     """
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of class indices, got {type(y).__name__}")
@@ -96,6 +146,8 @@ def check_labels(
         check_same_device(same_device_as, (name, y))
     if y.device.type == "meta":
         raise ValueError(f"{name} is on the meta device, which holds no values; put the labels on a real device")
+    if checks_on_device(y):
+        return _assert_labels_on_device(y, name, low, num_classes)
     y, smallest, largest = _label_range(y)
     if smallest < low or largest >= num_classes:
         raise ValueError(f"{name} must lie in [{low}, {num_classes}), got values in [{smallest}, {largest}]")
@@ -135,7 +187,15 @@ def check_scale_tensor(s: torch.Tensor, *, read_value: bool = True) -> torch.Ten
         raise TypeError(f"s must be a real number or a floating-point 0-d tensor, got a tensor of dtype {s.dtype}")
     if s.dim() != 0:
         raise ValueError(f"s must be a number or a 0-d tensor (one scale for every logit), got shape {tuple(s.shape)}")
-    if read_value:
+    if read_value and s.device.type == "meta":
+        raise ValueError("s is on the meta device, which holds no value; give a number or a tensor on a real device")
+    if read_value and checks_on_device(s):
+        value = s.detach()
+        torch._assert_async(
+            (torch.isfinite(value) & (value > 0)).all(),
+            "s must be finite and > 0 (a device-side check: see torch_port.set_value_checks)",
+        )
+    elif read_value:
         check_scale(float(s.detach()))
     return s
 
@@ -163,6 +223,8 @@ __all__ = [
     "check_reduction",
     "check_same_device",
     "check_scale_tensor",
+    "checks_on_device",
     "compute_dtype",
     "reduce_loss",
+    "set_value_checks",
 ]
