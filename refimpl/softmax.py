@@ -126,9 +126,10 @@ def distillation_loss(student_logits, teacher_logits, y, T=4.0, alpha=0.9, reduc
     for every T > 0 (as T -> 0 it tends to alpha T (max z_s - z_s at the teacher's top class)).
     Masked classes: a teacher logit of -inf is a class of probability 0, and 0 log 0 = 0, so the
     loss and its gradients stay finite (the class gets no gradient). A student logit of -inf where
-    the teacher has mass makes the KL divergence +inf, and the loss is +inf: the student rules out
-    what the teacher deems possible, the convention of ``torch.nn.functional.kl_div``; there the
-    gradient is not defined. A student logit of -inf where the teacher has none is harmless.
+    the teacher has mass (a computed probability > 0) makes the KL divergence +inf, and the loss is
+    +inf: the student rules out what the teacher deems possible, the convention of
+    ``torch.nn.functional.kl_div``; no gradient is promised there, and at alpha = 0 the soft term is
+    0 * inf = nan by IEEE. A student logit of -inf where the teacher has no mass is harmless.
 
     Args:
         student_logits: (B, C) logits of the model being trained.
