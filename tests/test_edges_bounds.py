@@ -129,3 +129,20 @@ def test_the_values_that_broke_the_computation_are_refused_by_the_heads():
             record.head({**record.defaults, arg: value}, 5, 3)
         with pytest.raises(ValueError, match=rf"\b{arg}\b"):
             tpf.cos_m_theta(torch.zeros(2), value) if arg == "m" else record.config({**record.defaults, arg: value})
+
+
+@pytest.mark.parametrize("impl", ["refimpl", "torch_port"])
+def test_the_elementwise_functions_at_the_bound(impl):
+    """cos_m_theta and lsoftmax_psi at m = 16: cos(16 theta) to the accuracy the bound is chosen for
+    (128 ulp; derivations/06-lsoftmax.md measures it), and psi = (-1)^k cos(16 theta) - 2k as the paper
+    writes it, k = floor(16 theta / pi) clamped to 15."""
+    m = MAX_MARGIN_MULTIPLIER
+    theta = np.linspace(0.0, math.pi, 1001)
+    if impl == "refimpl":
+        cos_m, psi = refimpl.cos_m_theta(np.cos(theta), m), refimpl.lsoftmax_psi(theta, m)
+    else:
+        cos_m = tpf.cos_m_theta(torch.tensor(np.cos(theta)), m).numpy()
+        psi = tpf.lsoftmax_psi(torch.tensor(theta), m).numpy()
+    assert np.allclose(cos_m, np.cos(m * theta), rtol=0, atol=128 * np.finfo(np.float64).eps + 1e-14)
+    k = np.minimum(np.floor(m * theta / math.pi), m - 1)
+    assert np.allclose(psi, (-1.0) ** k * np.cos(m * theta) - 2 * k, rtol=0, atol=1e-13)
