@@ -29,7 +29,7 @@ from refimpl.geometry import (
     target_angles,
 )
 from refimpl.softmax import cross_entropy
-from softmax_common.checks import check_nonnegative, check_positive_int
+from softmax_common.checks import check_margin_multiplier, check_nonnegative
 
 
 def _power(v, p: int):
@@ -70,12 +70,14 @@ def cos_m_theta(c, m):
 
     A polynomial in c, so it is exact and smooth at c = +-1, where arccos has an infinite slope.
     Following the numerics policy (theta = arccos(clip(c, -1, 1))), c is clipped to [-1, 1] first:
-    a computed cosine can exceed 1 by a rounding error. The alternating sum cancels: for m <= 8 the
-    error stays within ~2^m eps (the port uses the three-term recurrence, error ~ m^2 eps).
+    a computed cosine can exceed 1 by a rounding error. The alternating sum cancels terms as large
+    as 2^(m/2), so its error grows like 2^(m/2) eps: within 128 ulp up to m = 16, the bound on m
+    (derivations/06-lsoftmax.md measures it; the port's three-term recurrence errs by ~ m eps).
 
     Args:
         c: cosines, any shape.
-        m: the multiplier, an integer >= 1.
+        m: the multiplier, an integer in [1, 16] (``softmax_common.checks.MAX_MARGIN_MULTIPLIER``:
+            beyond it the reference's multiple-angle sum loses its accuracy).
 
     Returns:
         An array of the shape of ``c``.
@@ -83,7 +85,7 @@ def cos_m_theta(c, m):
     References:
         Liu, Wen, Yu, Yang, "Large-Margin Softmax Loss for Convolutional Neural Networks", ICML 2016, eq. (7).
     """
-    m = check_positive_int(m, "m")
+    m = check_margin_multiplier(m)
     c = as_float64(c, "c")
     check_ndim(c, "c")
     return _multiple_angle(_clip_unit(c), m)
@@ -104,7 +106,7 @@ def lsoftmax_psi(theta, m):
 
     Args:
         theta: angles in [0, pi], any shape.
-        m: the angular multiplier, an integer >= 1.
+        m: the angular multiplier, an integer in [1, 16].
 
     Returns:
         psi(theta), an array of the shape of ``theta``.
@@ -113,7 +115,7 @@ def lsoftmax_psi(theta, m):
         Liu et al., "Large-Margin Softmax Loss for Convolutional Neural Networks", ICML 2016, eq. (6);
         Liu et al., "SphereFace: Deep Hypersphere Embedding for Face Recognition", CVPR 2017, eq. (7).
     """
-    m = check_positive_int(m, "m")
+    m = check_margin_multiplier(m)
     theta = as_float64(theta, "theta")
     check_ndim(theta, "theta")
     k = _margin_index(theta, m)
@@ -122,7 +124,7 @@ def lsoftmax_psi(theta, m):
 
 def _annealed_logits(x, W, y, m, weight, weight_name: str, keep_weight_norms: bool):
     """Logits |x| (|W_j|) cos theta_j, the target's cos replaced by (weight * cos + psi) / (1 + weight)."""
-    m = check_positive_int(m, "m")
+    m = check_margin_multiplier(m)
     weight = check_nonnegative(weight, weight_name)
     x, W, y = check_features_weights_labels(x, W, y)
     cos = cosines(x, W)
@@ -143,7 +145,7 @@ def lsoftmax_logits(x, W, y, m=4, beta=0.0):
 
     Args:
         x: (B, D) features. W: (C, D) class weights (no bias). y: (B,) labels in [0, C).
-        m: the angular multiplier, an integer >= 1 (m = 1 is plain softmax of W x).
+        m: the angular multiplier, an integer in [1, 16] (m = 1 is plain softmax of W x).
         beta: the annealing weight >= 0: 0 is the full margin, beta -> infinity the plain logits.
 
     References:
@@ -165,7 +167,7 @@ def lsoftmax_loss(x, W, y, m=4, beta=0.0, reduction="mean"):
 
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
-        m: integer >= 1 (default 4). beta: >= 0 (default 0, the full margin).
+        m: integer in [1, 16] (default 4). beta: >= 0 (default 0, the full margin).
         reduction: "mean" (over the batch), "sum" or "none".
 
     Returns:
@@ -188,7 +190,7 @@ def sphereface_logits(x, W, y, m=4, lamb=0.0):
 
     Args:
         x: (B, D) features. W: (C, D) class weights; only their directions matter. y: (B,) labels.
-        m: the angular multiplier, an integer >= 1 (default 4).
+        m: the angular multiplier, an integer in [1, 16] (default 4).
         lamb: the annealing weight lambda >= 0: 0 is the full margin.
 
     References:
@@ -209,7 +211,7 @@ def sphereface_loss(x, W, y, m=4, lamb=0.0, reduction="mean"):
 
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
-        m: integer >= 1 (default 4). lamb: >= 0 (default 0, the full margin).
+        m: integer in [1, 16] (default 4). lamb: >= 0 (default 0, the full margin).
         reduction: "mean" (over the batch), "sum" or "none".
 
     Returns:

@@ -97,7 +97,7 @@ def normface_logits(x, W, y=None, s=16.0):
         x: (B, D) features. W: (C, D) class weights, one row per class.
         y: optional (B,) labels in [0, C); NormFace has no margin, so they are only validated (the
             argument is there so that every ``<name>_logits`` can be called the same way).
-        s: scale > 0.
+        s: scale in (0, 1e4].
 
     Returns:
         (B, C) logits.
@@ -120,7 +120,7 @@ def normface_loss(x, W, y, s=16.0, reduction="mean"):
 
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
-        s: scale > 0 (default 16). reduction: "mean", "sum" or "none".
+        s: scale in (0, 1e4] (default 16). reduction: "mean", "sum" or "none".
 
     Returns:
         The loss (float64): per sample for "none", else reduced over the batch.
@@ -142,7 +142,7 @@ def cosface_logits(x, W, y, s=64.0, m=0.35):
 
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
-        s: scale > 0. m: cosine margin >= 0.
+        s: scale in (0, 1e4]. m: cosine margin >= 0.
 
     Returns:
         (B, C) logits.
@@ -166,7 +166,7 @@ def cosface_loss(x, W, y, s=64.0, m=0.35, reduction="mean"):
 
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
-        s: scale > 0 (default 64). m: cosine margin >= 0 (default 0.35).
+        s: scale in (0, 1e4] (default 64). m: cosine margin >= 0 (default 0.35).
         reduction: "mean", "sum" or "none".
 
     Returns:
@@ -187,7 +187,7 @@ def am_softmax_logits(x, W, y, s=30.0, m=0.35):
 
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
-        s: scale > 0. m: cosine margin >= 0.
+        s: scale in (0, 1e4]. m: cosine margin >= 0.
 
     Returns:
         (B, C) logits.
@@ -208,7 +208,7 @@ def am_softmax_loss(x, W, y, s=30.0, m=0.35, reduction="mean"):
 
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
-        s: scale > 0 (default 30). m: cosine margin >= 0 (default 0.35).
+        s: scale in (0, 1e4] (default 30). m: cosine margin >= 0 (default 0.35).
         reduction: "mean", "sum" or "none".
 
     Returns:
@@ -239,7 +239,7 @@ def arcface_logits(x, W, y, s=64.0, m=0.5, easy_margin=False):
 
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
-        s: scale > 0. m: angular margin in [0, pi/2]. easy_margin: a bool.
+        s: scale in (0, 1e4]. m: angular margin in [0, pi/2]. easy_margin: a bool.
 
     Returns:
         (B, C) logits.
@@ -273,7 +273,7 @@ def arcface_loss(x, W, y, s=64.0, m=0.5, easy_margin=False, reduction="mean"):
 
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
-        s: scale > 0 (default 64). m: angular margin in [0, pi/2] (default 0.5).
+        s: scale in (0, 1e4] (default 64). m: angular margin in [0, pi/2] (default 0.5).
         easy_margin: apply the margin only where cos theta_y > 0 (default False).
         reduction: "mean", "sum" or "none".
 
@@ -306,7 +306,7 @@ def combined_margin_logits(x, W, y, s=64.0, m1=1.0, m2=0.5, m3=0.0):
 
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
-        s: scale > 0. m1: >= 1. m2: in [0, pi/2]. m3: >= 0.
+        s: scale in (0, 1e4]. m1: in [1, 16]. m2: in [0, pi/2]. m3: >= 0.
 
     Returns:
         (B, C) logits.
@@ -337,7 +337,7 @@ def combined_margin_loss(x, W, y, s=64.0, m1=1.0, m2=0.5, m3=0.0, reduction="mea
 
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
-        s: scale > 0 (default 64). m1 >= 1 (default 1). m2 in [0, pi/2] (default 0.5).
+        s: scale in (0, 1e4] (default 64). m1 in [1, 16] (default 1). m2 in [0, pi/2] (default 0.5).
         m3 >= 0 (default 0). reduction: "mean", "sum" or "none".
 
     Returns:

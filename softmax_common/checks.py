@@ -87,9 +87,32 @@ def check_flag(value: object, name: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+# Bounds where the computation stops making sense; docs/design.md ("Hyperparameter bounds") gives
+# the measurements. s multiplies a float32 cosine's rounding (>= 2^-24) into every logit and so into
+# p - onehot(y): 6e-4 at s = 1e4, and the logits stay far inside float32's range.
+MAX_SCALE = 1e4
+# The largest m at which the reference's multiple-angle sum for cos(m theta) stays within 128 ulp of
+# the exact value (derivations/06-lsoftmax.md measures it); the combined margin's m1 shares it.
+MAX_MARGIN_MULTIPLIER = 16
+
+
 def check_scale(s: object) -> float:
-    """The scale s of the normalized logits: a finite number > 0."""
-    return check_positive(s, "s")
+    """The scale s of the normalized logits: a number in (0, MAX_SCALE] = (0, 1e4]."""
+    s = check_positive(s, "s")
+    if s > MAX_SCALE:
+        raise ValueError(f"s must lie in (0, {MAX_SCALE:g}] (float32 logits lose their precision beyond), got {s}")
+    return s
+
+
+def check_margin_multiplier(m: object, name: str = "m") -> int:
+    """The integer angular multiplier of L-Softmax and SphereFace: 1 <= m <= MAX_MARGIN_MULTIPLIER = 16."""
+    m_int = check_positive_int(m, name)
+    if m_int > MAX_MARGIN_MULTIPLIER:
+        raise ValueError(
+            f"{name} must be an integer in [1, {MAX_MARGIN_MULTIPLIER}] "
+            f"(cos({name} theta) loses its accuracy beyond), got {m}"
+        )
+    return m_int
 
 
 def check_cosine_margin(m: object) -> float:
@@ -104,8 +127,9 @@ def check_angular_margin(m: object, name: str = "m") -> float:
 
 
 def check_combined_margins(m1: object, m2: object, m3: object) -> tuple[float, float, float]:
-    """m1 >= 1 (multiplicative angle), m2 in [0, pi/2] (additive angle, radians), m3 >= 0 (cosine margin)."""
-    m1 = check_interval(m1, "m1", 1.0, math.inf, high_open=True)
+    """m1 in [1, MAX_MARGIN_MULTIPLIER] = [1, 16] (multiplicative angle), m2 in [0, pi/2] (additive
+    angle, radians), m3 >= 0 (cosine margin)."""
+    m1 = check_interval(m1, "m1", 1.0, MAX_MARGIN_MULTIPLIER)
     m2 = check_angular_margin(m2, "m2")
     m3 = check_nonnegative(m3, "m3")
     return m1, m2, m3

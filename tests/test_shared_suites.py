@@ -227,7 +227,9 @@ def test_reductions(record, data):
 
 
 def _representable(sample: Sample, dtype: str) -> bool:
-    return all(np.isfinite(sample.rounded_to(dtype).tensors[n]).all() for n in sample.tensors)
+    """Every input survives the rounding to dtype (an infinite input, a masked logit, is itself)."""
+    rounded = sample.rounded_to(dtype).tensors
+    return all((np.isfinite(rounded[n]) | ~np.isfinite(v)).all() for n, v in sample.tensors.items())
 
 
 def _first_reduction(record):

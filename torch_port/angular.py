@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from softmax_common.checks import check_nonnegative, check_positive_int
+from softmax_common.checks import check_margin_multiplier, check_nonnegative
 from torch_port.engine import MarginConfig, margin_cross_entropy, margin_logits
 from torch_port.tensor_checks import check_float_tensor, compute_dtype
 
@@ -66,7 +66,8 @@ def cos_m_theta(c: torch.Tensor, m: int) -> torch.Tensor:
 
     Args:
         c: cosines, any shape and floating dtype (computed in at least float32).
-        m: the multiplier, an integer >= 1.
+        m: the multiplier, an integer in [1, 16] (``softmax_common.checks.MAX_MARGIN_MULTIPLIER``:
+            beyond it the reference's multiple-angle sum loses its accuracy).
 
     Returns:
         A tensor of the shape of ``c``.
@@ -74,7 +75,7 @@ def cos_m_theta(c: torch.Tensor, m: int) -> torch.Tensor:
     References:
         Liu et al., "Large-Margin Softmax Loss for Convolutional Neural Networks", ICML 2016, eq. (7).
     """
-    m = check_positive_int(m, "m")
+    m = check_margin_multiplier(m)
     c = _elementwise_input(c, "c")
     with torch.autocast(device_type=c.device.type, enabled=False):
         return _chebyshev(_clip_unit(c), m)
@@ -93,7 +94,7 @@ def lsoftmax_psi(theta: torch.Tensor, m: int) -> torch.Tensor:
 
     Args:
         theta: angles, any shape and floating dtype (computed in at least float32).
-        m: the angular multiplier, an integer >= 1.
+        m: the angular multiplier, an integer in [1, 16].
 
     Returns:
         psi(theta), a tensor of the shape of ``theta``.
@@ -101,7 +102,7 @@ def lsoftmax_psi(theta: torch.Tensor, m: int) -> torch.Tensor:
     References:
         Liu et al., ICML 2016, eq. (6); Liu et al., "SphereFace", CVPR 2017, eq. (7).
     """
-    m = check_positive_int(m, "m")
+    m = check_margin_multiplier(m)
     theta = _elementwise_input(theta, "theta")
     with torch.autocast(device_type=theta.device.type, enabled=False):
         k = _margin_index(theta, m)
@@ -136,14 +137,14 @@ def annealing_weight(value, name: str) -> float | torch.Tensor:
 
 def lsoftmax_config(m: int, beta: float | torch.Tensor) -> MarginConfig:
     """L-Softmax as an engine configuration: logits |W_j||x| cos, target |W_y||x| psi_beta."""
-    m = check_positive_int(m, "m")
+    m = check_margin_multiplier(m)
     beta = annealing_weight(beta, "beta")
     return MarginConfig(target=AnnealedMarginTarget(m, beta), feature_norm=True, weight_norm=True)
 
 
 def sphereface_config(m: int, lamb: float | torch.Tensor) -> MarginConfig:
     """A-Softmax as an engine configuration: logits |x| cos (W normalised), target |x| psi_lambda."""
-    m = check_positive_int(m, "m")
+    m = check_margin_multiplier(m)
     lamb = annealing_weight(lamb, "lamb")
     return MarginConfig(target=AnnealedMarginTarget(m, lamb), feature_norm=True)
 
@@ -155,7 +156,7 @@ def lsoftmax_logits(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, m: int = 
 
     Args:
         x: (B, D) features. W: (C, D) class weights (no bias). y: (B,) labels in [0, C).
-        m: integer >= 1 (m = 1: the plain logits W x). beta: annealing weight >= 0 (0: full margin).
+        m: integer in [1, 16] (m = 1: the plain logits W x). beta: annealing weight >= 0 (0: full margin).
 
     References:
         Liu et al., "Large-Margin Softmax Loss for Convolutional Neural Networks", ICML 2016.
@@ -181,7 +182,7 @@ def lsoftmax_loss(
 
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) integer labels in [0, C).
-        m: the angular multiplier, an integer >= 1 (default 4).
+        m: the angular multiplier, an integer in [1, 16] (default 4).
         beta: annealing weight >= 0 (default 0.0, the full margin); see ``torch_port.MarginSchedule``.
         reduction: "mean" (over the batch), "sum" or "none".
         chunk_size: None for the plain path; an int for the engine's memory-efficient path.
@@ -227,7 +228,7 @@ def sphereface_loss(
 
     Args:
         x: (B, D) features. W: (C, D) class weights (only directions matter). y: (B,) labels in [0, C).
-        m: integer >= 1 (default 4). lamb: annealing weight lambda >= 0 (default 0.0, the full margin).
+        m: integer in [1, 16] (default 4). lamb: annealing weight lambda >= 0 (default 0.0, the full margin).
         reduction: "mean" (over the batch), "sum" or "none".
         chunk_size: None for the plain path; an int for the engine's memory-efficient path.
 

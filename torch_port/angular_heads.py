@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from softmax_common.checks import check_nonnegative, check_positive_int
+from softmax_common.checks import check_margin_multiplier, check_nonnegative, check_positive_int
 from torch_port.angular import lsoftmax_config, sphereface_config
 from torch_port.checkpoint_checks import AtomicLoad
 from torch_port.engine import MarginConfig, margin_cross_entropy
@@ -117,7 +117,7 @@ class _AnnealedMarginHead(MarginHead):
     """
 
     def __init__(self, num_classes, dim, m, schedule, *, reduction, chunk_size, device, dtype) -> None:
-        m = check_positive_int(m, "m")
+        m = check_margin_multiplier(m)
         if not isinstance(schedule, MarginSchedule):
             raise TypeError(f"schedule must be a MarginSchedule, got {type(schedule).__name__}")
         super().__init__(num_classes, dim, reduction=reduction, chunk_size=chunk_size, device=device, dtype=dtype)
@@ -158,7 +158,7 @@ class LSoftmax(_AnnealedMarginHead):
 
     Args:
         num_classes: C >= 1. dim: D >= 1.
-        m: the angular multiplier, an integer >= 1 (default 4).
+        m: the angular multiplier, an integer in [1, 16] (default 4).
         schedule: the beta schedule; None (the default) creates :meth:`MarginSchedule.lsoftmax`, the
             released MNIST one, new for each head (a shared default would share its counter).
         reduction, chunk_size, device, dtype: as :class:`torch_port.heads.MarginHead`.
@@ -204,7 +204,7 @@ class SphereFace(_AnnealedMarginHead):
 
     Args:
         num_classes: C >= 1. dim: D >= 1.
-        m: the angular multiplier, an integer >= 1 (default 4).
+        m: the angular multiplier, an integer in [1, 16] (default 4).
         schedule: the lambda schedule; None (the default) creates :meth:`MarginSchedule.sphereface`,
             the released one, new for each head.
         reduction, chunk_size, device, dtype: as :class:`torch_port.heads.MarginHead`.

@@ -128,7 +128,7 @@ def normface_logits(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor | None = N
     Args:
         x: (B, D) features. W: (C, D) class weights.
         y: optional (B,) labels in [0, C), only validated (NormFace has no margin).
-        s: scale > 0: a number, or a floating-point 0-d tensor (see :func:`normface_loss`).
+        s: scale in (0, 1e4]: a number, or a floating-point 0-d tensor (see :func:`normface_loss`).
 
     Returns:
         (B, C) logits in float32 (float64 for float64 inputs).
@@ -156,7 +156,7 @@ def normface_loss(
 
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
-        s: scale > 0 (default 16): a finite number, or a floating-point 0-d tensor such as a
+        s: scale in (0, 1e4] (default 16): a number, or a floating-point 0-d tensor such as a
             learnable scale (differentiable), held to the same rules with the same errors. A
             tensor's value is read back once per call to check it (one synchronisation on GPU);
             ``NormFace(learn_scale=True)`` keeps s = exp(log_scale) > 0 by construction and skips
@@ -180,7 +180,7 @@ def cosface_logits(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, s: float =
 
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
-        s: scale > 0. m: cosine margin >= 0.
+        s: scale in (0, 1e4]. m: cosine margin >= 0.
 
     Returns:
         (B, C) logits in float32 (float64 for float64 inputs).
@@ -209,7 +209,7 @@ def cosface_loss(
 
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
-        s: scale > 0 (default 64). m: cosine margin >= 0 (default 0.35).
+        s: scale in (0, 1e4] (default 64). m: cosine margin >= 0 (default 0.35).
         reduction: "mean", "sum" or "none". chunk_size: None or classes per chunk.
 
     Returns:
@@ -228,7 +228,7 @@ def am_softmax_logits(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, s: floa
 
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
-        s: scale > 0. m: cosine margin >= 0.
+        s: scale in (0, 1e4]. m: cosine margin >= 0.
 
     Returns:
         (B, C) logits in float32 (float64 for float64 inputs).
@@ -257,7 +257,7 @@ def am_softmax_loss(
 
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
-        s: scale > 0 (default 30). m: cosine margin >= 0 (default 0.35).
+        s: scale in (0, 1e4] (default 30). m: cosine margin >= 0 (default 0.35).
         reduction: "mean", "sum" or "none". chunk_size: None or classes per chunk.
 
     Returns:
@@ -286,7 +286,7 @@ def arcface_logits(
 
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
-        s: scale > 0. m: angular margin in [0, pi/2]. easy_margin: margin only where cos theta_y > 0.
+        s: scale in (0, 1e4]. m: angular margin in [0, pi/2]. easy_margin: margin only where cos theta_y > 0.
 
     Returns:
         (B, C) logits in float32 (float64 for float64 inputs).
@@ -324,7 +324,7 @@ def arcface_loss(
 
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
-        s: scale > 0 (default 64). m: angular margin in [0, pi/2] (default 0.5).
+        s: scale in (0, 1e4] (default 64). m: angular margin in [0, pi/2] (default 0.5).
         easy_margin: a bool (default False). reduction: "mean", "sum" or "none".
         chunk_size: None or classes per chunk.
 
@@ -357,7 +357,7 @@ def combined_margin_logits(
 
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
-        s: scale > 0. m1: >= 1. m2: in [0, pi/2]. m3: >= 0.
+        s: scale in (0, 1e4]. m1: in [1, 16]. m2: in [0, pi/2]. m3: >= 0.
 
     Returns:
         (B, C) logits in float32 (float64 for float64 inputs).
@@ -394,7 +394,7 @@ def combined_margin_loss(
 
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
-        s: scale > 0 (default 64). m1 >= 1 (default 1). m2 in [0, pi/2] (default 0.5).
+        s: scale in (0, 1e4] (default 64). m1 in [1, 16] (default 1). m2 in [0, pi/2] (default 0.5).
         m3 >= 0 (default 0). reduction: "mean", "sum" or "none". chunk_size: None or classes per chunk.
 
     Returns:

@@ -54,7 +54,7 @@ class NormFace(MarginHead):
 
     Args:
         num_classes: C >= 1. dim: feature dimension D >= 1.
-        s: the (initial) scale > 0 (default 16). learn_scale: learn s (default False).
+        s: the (initial) scale in (0, 1e4] (default 16). learn_scale: learn s (default False).
         reduction: "mean", "sum" or "none". chunk_size: None or classes per chunk.
         device, dtype: of ``weight``.
 
@@ -133,7 +133,7 @@ class CosFace(MarginHead):
 
     Args:
         num_classes: C >= 1. dim: feature dimension D >= 1.
-        s: scale > 0 (default 64). m: cosine margin >= 0 (default 0.35).
+        s: scale in (0, 1e4] (default 64). m: cosine margin >= 0 (default 0.35).
         reduction, chunk_size, device, dtype: as for :class:`torch_port.heads.MarginHead`.
 
     References:
@@ -170,7 +170,7 @@ class AMSoftmax(CosFace):
 
     Args:
         num_classes: C >= 1. dim: feature dimension D >= 1.
-        s: scale > 0 (default 30). m: cosine margin >= 0 (default 0.35).
+        s: scale in (0, 1e4] (default 30). m: cosine margin >= 0 (default 0.35).
         reduction, chunk_size, device, dtype: as for :class:`torch_port.heads.MarginHead`.
 
     References:
@@ -202,7 +202,7 @@ class ArcFace(MarginHead):
 
     Args:
         num_classes: C >= 1. dim: feature dimension D >= 1.
-        s: scale > 0 (default 64). m: angular margin in [0, pi/2] (default 0.5).
+        s: scale in (0, 1e4] (default 64). m: angular margin in [0, pi/2] (default 0.5).
         easy_margin: apply the margin only where cos theta_y > 0 (default False).
         reduction, chunk_size, device, dtype: as for :class:`torch_port.heads.MarginHead`.
 
@@ -244,7 +244,7 @@ class CombinedMargin(MarginHead):
 
     Args:
         num_classes: C >= 1. dim: feature dimension D >= 1.
-        s: scale > 0 (default 64). m1: >= 1 (default 1). m2: in [0, pi/2] (default 0.5).
+        s: scale in (0, 1e4] (default 64). m1: in [1, 16] (default 1). m2: in [0, pi/2] (default 0.5).
         m3: >= 0 (default 0).
         reduction, chunk_size, device, dtype: as for :class:`torch_port.heads.MarginHead`.
 

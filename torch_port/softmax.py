@@ -6,6 +6,8 @@ in float32 (float64 stays float64). See ``derivations/01-softmax.md`` and ``02-d
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -25,6 +27,47 @@ def _scaled(z, T, name="z"):
     return z.to(compute_dtype((name, z))) / T
 
 
+def _divide_small(gap: torch.Tensor, T: float) -> torch.Tensor:
+    """gap / T for 0 < T < 1 without forming T, or 1/T, in the compute dtype.
+
+    A tiny T rounds to 0 in float32 (below 1.4e-45), and CUDA divides by a scalar as a product with
+    its reciprocal, which overflows (for T < 3e-39): either way 0 / T becomes nan. With T = f 2^e
+    (math.frexp, f in [0.5, 1)), gap is scaled by 2^-e in exact power-of-two steps and then divided
+    by f: one rounding, and a step overflows only where the quotient does.
+    """
+    fraction, exponent = math.frexp(T)
+    while exponent < 0:
+        step = max(exponent, -64)
+        gap = gap * 2.0 ** (-step)
+        exponent -= step
+    return gap / fraction
+
+
+def _shifted_scaled(z: torch.Tensor, T: float) -> torch.Tensor:
+    """(z - max z) / T in the compute dtype, the maximum at exactly 0 (and treated as a constant).
+
+    Subtract first for T < 1 (z / T alone overflows for a tiny T, and inf - inf is nan), divide
+    first for T >= 1 (dividing only shrinks; z - max z alone may overflow for a span beyond the
+    float range): an intermediate overflows only where the result does.
+    """
+    T = check_positive(T, "T")
+    check_float_tensor(z, "z", min_ndim=1)
+    z = z.to(compute_dtype(("z", z)))
+    if T < 1.0:
+        return _divide_small(z - z.detach().amax(dim=-1, keepdim=True), T)
+    zt = z / T
+    return zt - zt.detach().amax(dim=-1, keepdim=True)
+
+
+def _tempered_log_softmax(z: torch.Tensor, T: float) -> torch.Tensor:
+    """T log softmax(z; T) = (z - c) - T logsumexp((z - c)/T), c = max z: finite at every T > 0
+    (log softmax(z; T) alone tends to -inf like (z - c)/T as T -> 0)."""
+    if T < 1.0:
+        gap = z - z.detach().amax(dim=-1, keepdim=True)
+        return gap - T * torch.logsumexp(_divide_small(gap, T), dim=-1, keepdim=True)
+    return T * torch.log_softmax(z / T, dim=-1)
+
+
 def naive_softmax(z: torch.Tensor, T: float = 1.0) -> torch.Tensor:
     """exp(z/T) / sum exp(z/T) with no max shift: overflows to nan once a logit/T exceeds ~88.7
     in float32 (~709.8 in float64). Kept to show why :func:`softmax` shifts; do not train with it."""
@@ -37,7 +80,9 @@ def softmax(z: torch.Tensor, T: float = 1.0) -> torch.Tensor:
 
     .. math:: \mathrm{softmax}(z; T)_k = e^{(z_k - \max_j z_j)/T} / \sum_j e^{(z_j - \max_j z_j)/T}
 
-    Half-precision inputs are upcast; the result is float32 (float64 for float64 input).
+    Half-precision inputs are upcast; the result is float32 (float64 for float64 input). Every
+    T > 0 works: the max is subtracted before a T < 1 divides, so as T -> 0 the result tends to the
+    one-hot vector of the largest logit, ties sharing the mass (``refimpl.softmax`` says more).
 
     Example:
         >>> softmax(torch.tensor([1.1, 2.2, 5.0, 10.1]))
@@ -45,12 +90,16 @@ def softmax(z: torch.Tensor, T: float = 1.0) -> torch.Tensor:
 
     Reference: Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", 2015 (temperature).
     """
-    return torch.softmax(_scaled(z, T), dim=-1)  # torch.softmax subtracts the row max internally
+    return torch.softmax(_shifted_scaled(z, T), dim=-1)
 
 
 def log_softmax(z: torch.Tensor, T: float = 1.0) -> torch.Tensor:
-    r"""log softmax(z; T) = z/T - logsumexp(z/T), finite for logits of +-1e4."""
-    return torch.log_softmax(_scaled(z, T), dim=-1)
+    r"""log softmax(z; T) = (z - c)/T - logsumexp((z - c)/T), c = max z, finite for logits of +-1e4.
+
+    Where a tiny T puts the true value below the float range the result is -inf (correctly
+    rounded), never nan.
+    """
+    return torch.log_softmax(_shifted_scaled(z, T), dim=-1)
 
 
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -81,7 +130,10 @@ def distillation_loss(
     The KL divergence is summed over classes and averaged over the batch (``reduction="mean"``);
     ``torch.nn.KLDivLoss(reduction="mean")`` would average over classes too and shrink the soft term
     by a factor C. The teacher is not detached here: pass ``teacher_logits.detach()`` (or compute it
-    under ``torch.no_grad()``) unless you mean to train the teacher as well.
+    under ``torch.no_grad()``) unless you mean to train the teacher as well. Every T > 0 works (the
+    soft term is alpha T sum p_t (T log p_t - T log p_s)). A teacher logit of -inf (a masked class)
+    adds 0 log 0 = 0: loss and gradients stay finite. A student logit of -inf where the teacher has
+    mass makes the KL, and the loss, +inf, as ``F.kl_div`` does (``refimpl.distillation_loss``).
 
     Args:
         student_logits, teacher_logits: (B, C) logits.
@@ -105,10 +157,14 @@ def distillation_loss(
     y = check_labels(y, *student_logits.shape, same_device_as=("student_logits", student_logits))
     dtype = compute_dtype(("student_logits", student_logits), ("teacher_logits", teacher_logits))
     zs, zt = student_logits.to(dtype), teacher_logits.to(dtype)
-    log_ps = torch.log_softmax(zs / T, dim=-1)
-    log_pt = torch.log_softmax(zt / T, dim=-1)
-    # KL(p_t || p_s) per sample; exp(log_pt) is exactly 0 where the teacher underflows, so the
-    # 0 * log 0 terms vanish instead of becoming nan.
-    kl = (log_pt.exp() * (log_pt - log_ps)).sum(dim=-1)
+    p_teacher = torch.softmax(_shifted_scaled(zt, T), dim=-1)
+    # The double where: a class without teacher mass (a logit of -inf, a masked class) adds
+    # 0 log 0 = 0; its log-probabilities become 0 before they meet the zero, so neither the value
+    # nor the gradient forms 0 * inf.
+    has_mass = p_teacher > 0
+    zero = p_teacher.new_zeros(())
+    teacher_term = torch.where(has_mass, _tempered_log_softmax(zt, T), zero)
+    student_term = torch.where(has_mass, _tempered_log_softmax(zs, T), zero)
+    tempered_kl = (p_teacher * (teacher_term - student_term)).sum(dim=-1)  # T * KL(p_t || p_s)
     hard = F.cross_entropy(zs, y, reduction="none")
-    return reduce_loss(alpha * T**2 * kl + (1.0 - alpha) * hard, reduction)
+    return reduce_loss(alpha * T * tempered_kl + (1.0 - alpha) * hard, reduction)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from softmax_common.checks import check_positive_int, check_reduction, check_scale
+from softmax_common.checks import MAX_SCALE, check_positive_int, check_reduction, check_scale
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -192,8 +192,8 @@ def check_scale_tensor(s: torch.Tensor, *, read_value: bool = True) -> torch.Ten
     if read_value and checks_on_device(s):
         value = s.detach()
         torch._assert_async(
-            (torch.isfinite(value) & (value > 0)).all(),
-            "s must be finite and > 0 (a device-side check: see torch_port.set_value_checks)",
+            (torch.isfinite(value) & (value > 0) & (value <= MAX_SCALE)).all(),
+            f"s must lie in (0, {MAX_SCALE:g}] (a device-side check: see torch_port.set_value_checks)",
         )
     elif read_value:
         check_scale(float(s.detach()))

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import refimpl
 import refimpl.geometry as refimpl_geometry
 import torch_port.functional as tpf
+from softmax_common.checks import MAX_MARGIN_MULTIPLIER
 from tests import strategies as S
 from tests.paths import MARGIN_PATHS
 from tests.samples import ErrorSample, LossRecord, Sample
@@ -112,12 +113,21 @@ def _angle_edges() -> list[Sample]:
     return out
 
 
+def _multiplier_errors(base: Sample) -> list[ErrorSample]:
+    """m past MAX_MARGIN_MULTIPLIER = 16 (softmax_common.checks): 17, and 1e300 (once an OverflowError)."""
+    return [
+        ErrorSample(Sample(base.tensors, base.labels, {"m": m}), ValueError, r"\bm\b.*\[1, 16\]")
+        for m in (MAX_MARGIN_MULTIPLIER + 1, 1e300)
+    ]
+
+
 def _elementwise_errors(name: str, value: np.ndarray) -> list[ErrorSample]:
     return [
         ErrorSample(Sample({name: value}, kwargs={"m": 0}), ValueError, r"\bm\b.*>= 1"),
         ErrorSample(Sample({name: value}, kwargs={"m": 2.5}), ValueError, r"\bm\b.*integer"),
         ErrorSample(Sample({name: value}, kwargs={"m": "4"}), TypeError, r"\bm\b"),
         ErrorSample(Sample({name: value}, kwargs={"m": -3}), ValueError, r"\bm\b"),
+        *_multiplier_errors(Sample({name: value})),
     ]
 
 
@@ -181,6 +191,7 @@ def _loss_errors(weight_name: str) -> list[ErrorSample]:
         ErrorSample(Sample(good, {"y": y}, {"m": 0}), ValueError, r"\bm\b.*>= 1"),
         ErrorSample(Sample(good, {"y": y}, {"m": 1.5}), ValueError, r"\bm\b.*integer"),
         ErrorSample(Sample(good, {"y": y}, {"m": None}), TypeError, r"\bm\b"),
+        *_multiplier_errors(Sample(good, {"y": y})),
         ErrorSample(Sample(good, {"y": y}, {weight_name: -0.5}), ValueError, rf"\b{weight_name}\b.*>= 0"),
         ErrorSample(Sample(good, {"y": y}, {weight_name: float("nan")}), ValueError, rf"\b{weight_name}\b"),
         ErrorSample(Sample(good, {"y": np.array([0, 4])}), ValueError, r"\by\b.*\[0, 4\)"),

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import refimpl
 import torch_port.functional as tpf
+from softmax_common.checks import MAX_MARGIN_MULTIPLIER, MAX_SCALE
 from tests import strategies as S
 from tests.paths import MARGIN_PATHS
 from tests.samples import ErrorSample, LossRecord, Sample
@@ -299,6 +300,9 @@ def error_inputs(kind: str, with_reduction: bool) -> list[ErrorSample]:
         bad({"s": float("nan")}, ValueError, r"\bs\b"),
         bad({"s": float("inf")}, ValueError, r"\bs\b"),
         bad({"s": "64"}, TypeError, r"\bs\b"),
+        # Past MAX_SCALE = 1e4 (softmax_common.checks): the next float, and s = 1e39 (nan in float32).
+        bad({"s": math.nextafter(MAX_SCALE, math.inf)}, ValueError, r"\bs\b.*\(0, 10000\]"),
+        bad({"s": 1e39}, ValueError, r"\bs\b.*\(0, 10000\]"),
         bad({}, ValueError, r"\by\b.*\[0, 4\)", labels=np.array([0, 4])),
         bad({}, ValueError, r"\by\b.*\[0, 4\)", labels=np.array([-1, 0])),
         bad({}, TypeError, r"\by\b.*integer", labels=np.array([0.0, 1.0])),
@@ -317,7 +321,10 @@ def error_inputs(kind: str, with_reduction: bool) -> list[ErrorSample]:
         ]
     if kind == "combined_margin":
         out += [
-            bad({"m1": 0.5}, ValueError, r"\bm1\b.*\[1\.0, inf\)"),
+            bad({"m1": 0.5}, ValueError, r"\bm1\b.*\[1\.0, 16\]"),
+            # Past MAX_MARGIN_MULTIPLIER = 16: the next float, and m1 = 1e308 (once a math domain error).
+            bad({"m1": math.nextafter(MAX_MARGIN_MULTIPLIER, math.inf)}, ValueError, r"\bm1\b.*\[1\.0, 16\]"),
+            bad({"m1": 1e308}, ValueError, r"\bm1\b.*\[1\.0, 16\]"),
             bad({"m2": -0.1}, ValueError, r"\bm2\b.*\[0\.0, 1\.57"),
             bad({"m2": 2.0}, ValueError, r"\bm2\b.*\[0\.0, 1\.57"),
             bad({"m3": -0.1}, ValueError, r"\bm3\b.*>= 0"),

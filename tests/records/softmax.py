@@ -58,8 +58,13 @@ def _extreme_logit_matrices() -> list[tuple[np.ndarray, str]]:
 
 
 def _temperature_edges() -> list[Sample]:
+    # T = 1e-30: the max is subtracted before dividing (z / T first overflows to inf - inf = nan).
+    # Its gradient, up to |w|/T = 1e30, is beyond float16 (the gradient comes back in the input's dtype).
+    too_big = {"float16": "the gradient at T = 1e-30 is of order 1/T, beyond float16's range (65504)"}
     samples = [
-        Sample({"z": z}, kwargs={"T": T}, note=note) for z, note in _extreme_logit_matrices() for T in (1.0, 0.05, 50.0)
+        Sample({"z": z}, kwargs={"T": T}, note=note, skip_dtypes=too_big if T < 1e-3 else {})
+        for z, note in _extreme_logit_matrices()
+        for T in (1.0, 0.05, 50.0, 1e-30)
     ]
     samples.append(Sample({"z": np.array([5.0, 1.0, 1e4, 6.0])}, kwargs={"T": 1.0}, note="a 1-D vector"))
     return samples
@@ -121,6 +126,18 @@ def _distillation_edges() -> list[Sample]:
                     note=f"{note}; student == teacher; T={T}",
                 )
             )
+    # Masked classes: a teacher logit of -inf (0 log 0 = 0), the student masked there too or not.
+    teacher = np.array([[2.0, -np.inf, 0.5, 1.0], [-np.inf, 3.0, -np.inf, -1.0]])
+    student = np.array([[1.0, 0.3, -2.0, 0.5], [-np.inf, 0.5, -np.inf, 2.0]])
+    for T in (1.0, 4.0, 1e-30):
+        out.append(
+            Sample(
+                {"student_logits": student, "teacher_logits": teacher},
+                {"y": np.array([0, 1])},
+                {"T": T, "alpha": 0.9},
+                note=f"teacher classes masked with -inf (student too in row 1); T={T}",
+            )
+        )
     return out
 
 
