@@ -1,4 +1,4 @@
-"""A dispatch-mode probe that watches the aten ops a piece of torch code runs (test helper)."""
+"""Dispatch-mode probes that watch the aten ops a piece of torch code runs (test helpers)."""
 
 from __future__ import annotations
 
@@ -25,3 +25,36 @@ class OpProbe(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
         return out
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the reads of tensor data back to the host that a step makes: ``.item()``, ``int()``,
+    ``bool()`` (aten._local_scalar_dense), data-dependent shapes (nonzero, masked_select), and
+    ``.tolist()``, which on CPU bypasses the dispatcher and is counted by wrapping the method while
+    the probe is active. On a GPU each is a synchronisation with the device."""
+
+    OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select")
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+        self._tolist = None
+
+    def __enter__(self):
+        original = self._tolist = torch.Tensor.tolist
+
+        def counted(tensor, *args, **kwargs):
+            self.count += 1
+            return original(tensor, *args, **kwargs)
+
+        torch.Tensor.tolist = counted
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith(self.OPS):
+            self.count += 1
+        return func(*args, **(kwargs or {}))

@@ -141,8 +141,24 @@ CASES = [
     Case("empty-rank-sum-chunked", "cosface", num_classes=10, batch=(4, 0, 3, 0), reduction="sum", chunk_size=3),
     Case("empty-rank-none-head", "combined-m1", num_classes=8, batch=(0, 4, 2, 0), reduction="none", via="head"),
     Case("empty-rank-float32-norms", "lsoftmax-annealed", num_classes=7, batch=(3, 0, 0, 2), dtype="float32"),
+    # At the size the path exists for (issue 17): a global batch of 256 over 2 ranks (383, uneven,
+    # over 4), D = 512, so the chunked path's feature side runs several row blocks of 64 rows
+    # (FEATURE_BLOCK_BYTES) and each shard several chunks of classes; uneven shards of 2001 classes.
+    # A row index of the global batch past 64 crashed the path before the engine's primitive.
+    Case("scale-arcface-chunked", "arcface", num_classes=2001, dim=512, batch=(128, 128, 61, 66), chunk_size=300),
+    Case(
+        "scale-cosface-head-float32",
+        "cosface",
+        num_classes=1501,
+        dim=512,
+        batch=(100, 156, 127, 0),
+        chunk_size=256,
+        dtype="float32",
+        via="head",
+    ),
     *_random_cases(),
 ]
+SCALE_CASES = [case for case in CASES if case.name.startswith("scale-")]
 
 
 def global_inputs(case: Case, world: int):

@@ -23,9 +23,11 @@ import torch.distributed as dist
 
 import torch_port.distributed.agreement as agreement
 import torch_port.distributed.loss as sharded_loss_module
+from tests.dispatch_probe import HostReads
 from tests.distributed_cases import LOSSES, VARIANTS, make_config
 from torch_port.distributed import ShardedMarginHead, shard_range, sharded_logits, sharded_margin_cross_entropy
 from torch_port.normalized import cosface_config
+from torch_port.tensor_checks import set_value_checks
 
 # Seconds: the timeout of each scenario's process group. A rank that raises promptly does so in
 # milliseconds; one that waits for a peer that is never coming waits this long.
@@ -170,9 +172,46 @@ def pickled_heads(rank: int, world: int, group) -> dict:
     return out
 
 
+def host_reads_per_step(rank: int, world: int, group) -> dict:
+    """Not a fault: how many times one sharded training step (forward and backward) reads tensor data
+    back to the host (tests/dispatch_probe.py's HostReads; on a GPU each is a synchronisation),
+    inside torch.distributed's own calls included, for each way of calling the sharded path."""
+    x, W, y = problem(rank, world, batch=4)
+    config = cosface_config(s=16.0, m=0.35)
+    head = ShardedMarginHead(NUM_CLASSES, DIM, config, group=group, dtype=torch.float64)
+    sampling = ShardedMarginHead(
+        NUM_CLASSES, DIM, config, group=group, dtype=torch.float64, sample_rate=0.5,
+        generator=torch.Generator().manual_seed(0),
+    )
+    calls = {
+        "plain": lambda w: _loss(x, w, y, group=group),
+        "chunked": lambda w: _loss(x, w, y, group=group, chunk_size=3),
+        "head": lambda w: head(x, y),
+        "head-sampled": lambda w: sampling(x, y),
+    }
+    counts = {}
+    for mode in ("auto", "device"):
+        previous = set_value_checks(mode)
+        try:
+            for name, call in calls.items():
+                leaf = W.clone().requires_grad_()
+                with HostReads() as probe:
+                    call(leaf).backward()
+                counts[f"{name} ({mode})"] = probe.count
+        finally:
+            set_value_checks(previous)
+    return counts
+
+
 SCENARIOS = {
     scenario.__name__: scenario
-    for scenario in (unexpected_exception_in_a_check, uint32_labels_on_one_rank, mismatched_calls, empty_batches)
+    for scenario in (
+        unexpected_exception_in_a_check,
+        uint32_labels_on_one_rank,
+        mismatched_calls,
+        empty_batches,
+        host_reads_per_step,
+    )
 }
 SCENARIOS["pickled_heads"] = pickled_heads
 

@@ -16,6 +16,7 @@ import dataclasses
 import pytest
 import torch
 
+from tests.dispatch_probe import HostReads
 from tests.registry import BY_NAME, RECORDS
 from torch_port import functional as F
 from torch_port.engine import margin_cross_entropy
@@ -162,17 +163,15 @@ def test_value_check_modes(mode):
         set_value_checks("never")
 
 
-def test_device_checks_read_nothing_back(monkeypatch):
+def test_device_checks_read_nothing_back():
     """With device-side checks (what torch.compile and accelerators get) the plain path's step reads
     nothing back to the host: no synchronisation on a GPU."""
-    from tests.test_engine import HostReads
-
     x, W, y = problem(4)
     W.requires_grad_()
     scale = torch.tensor(16.0, requires_grad=True)
     previous = set_value_checks("device")
     try:
-        with HostReads(monkeypatch) as probe:
+        with HostReads() as probe:
             F.normface_loss(x, W, y, s=scale).backward()
             F.arcface_loss(x, W, y).backward()
     finally:

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from tests.distributed_cases import (
     CASES,
     DTYPES,
+    SCALE_CASES,
     SHORT_TIMEOUT,
     Case,
     cotangent,
@@ -48,6 +49,7 @@ from tests.distributed_cases import (
 )
 from tests.distributed_harness import LAUNCH_DEADLINE, REPO, launch, worker_environment
 from tests.tolerances import PATH_AGREEMENT, assert_close, for_rounded_gradient
+from torch_port.chunked import FEATURE_BLOCK_BYTES
 from torch_port.distributed import (
     ShardedMarginHead,
     merge_shard_weights,
@@ -146,6 +148,21 @@ def _np(t: torch.Tensor):
 def test_loss_and_gradients_equal_single_process(launched, case):
     world, results, _ = launched
     _compare_case(case, world, [r["cases"][case.name] for r in results])
+
+
+@pytest.mark.parametrize("case", SCALE_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("world", [2, 4])
+def test_scale_cases_cross_row_blocks_and_chunks(case, world):
+    """The scale cases are where the issue-17 crash lived only if every rank's chunked path walks
+    several feature row blocks (the global batch, gathered) and several chunks of its shard."""
+    batch = sum(case.batch[:world])
+    rows_per_block = FEATURE_BLOCK_BYTES["cpu"] // (4 * case.dim)
+    assert batch >= 256 if world == 2 else batch > 256
+    assert math.ceil(batch / rows_per_block) >= 4
+    for rank in range(world):
+        start, end = shard_range(case.num_classes, world, rank)
+        assert math.ceil((end - start) / case.chunk_size) >= 2
+    assert len({end - start for start, end in (shard_range(case.num_classes, world, r) for r in range(world))}) == 2
 
 
 def test_sampled_negatives_are_the_exact_loss_over_the_kept_classes(launched):

@@ -157,3 +157,17 @@ def test_every_sharded_head_pickles_and_saves_whole(sharded_runner):
                 for key, value in original["state"].items():
                     same = np.array_equal(copy["state"][key], value) if isinstance(value, np.ndarray) else None
                     assert same if same is not None else copy["state"][key] == value, f"{what}: {key}"
+def test_host_reads_per_sharded_step(sharded_runner):
+    """Issue 17: the reads of tensor data back to the host in one sharded step (forward and
+    backward, torch.distributed's own calls included), each a synchronisation on a GPU. With the
+    value checks on the device (what a GPU gets by default), the plain path reads once: the
+    all-gathered batch sizes and metadata digests, which the padded all-gather of the rows needs.
+    The chunked path adds its one read per pass that groups the labels by chunk; Partial FC's
+    sampling one for the number of positives (k of top-k). In eager code on the CPU ("auto") the
+    label range is read too, for an error with the values."""
+    per_rank = _scenario(sharded_runner, "host_reads_per_step")
+    expected = {"plain": 1, "chunked": 2, "head": 1, "head-sampled": 2}
+    for counts in per_rank:
+        for call, reads in expected.items():
+            assert counts[f"{call} (device)"] == reads, (call, counts)
+            assert counts[f"{call} (auto)"] == reads + 1, (call, counts)

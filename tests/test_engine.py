@@ -20,10 +20,10 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import refimpl
 from refimpl.geometry import cosines, row_norms
+from tests.dispatch_probe import HostReads
 from tests.registry import RECORDS
 from tests.tolerances import Tol, assert_close
 from torch_port.engine import ABSENT, MarginConfig, lse_and_target, margin_cross_entropy
@@ -133,35 +133,10 @@ def test_labels_are_checked():
         lse_and_target(x, W, torch.tensor([0, 1]), MarginConfig(), chunk_size=0)
 
 
-class HostReads(TorchDispatchMode):
-    """Counts the reads of tensor data back to the host that a step makes: ``.item()``, ``int()``,
-    ``bool()`` (aten._local_scalar_dense), data-dependent shapes (nonzero, masked_select), and
-    ``.tolist()``, which on CPU bypasses the dispatcher and is counted by wrapping the method. On a
-    GPU each is a synchronisation with the device."""
-
-    OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select")
-
-    def __init__(self, monkeypatch):
-        super().__init__()
-        self.count = 0
-        original = torch.Tensor.tolist
-
-        def counted(tensor, *args, **kwargs):
-            self.count += 1
-            return original(tensor, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, "tolist", counted)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if str(func).startswith(self.OPS):
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize(
     ("chunk_size", "validate", "reads"), [(None, False, 0), (None, True, 1), (4, False, 1), (4, True, 2)]
 )
-def test_host_reads_per_step(monkeypatch, chunk_size, validate, reads):
+def test_host_reads_per_step(chunk_size, validate, reads):
     """Forward and backward read back from the device only what they must: the label range check
     (smallest and largest label in one transfer) when validating, and on the chunked path the
     sizes of the label groups per chunk, once per step (the backward reuses them)."""
@@ -170,13 +145,13 @@ def test_host_reads_per_step(monkeypatch, chunk_size, validate, reads):
     W = torch.randn(10, 5, generator=gen, requires_grad=True)
     y = torch.tensor([0, 9, ABSENT, 4, 4, ABSENT])
     config = MarginConfig(target=lambda cos, theta: torch.cos(theta + 0.5), scale=16.0)
-    probe = HostReads(monkeypatch)
+    probe = HostReads()
     with probe:
         lse, target = lse_and_target(x, W, y, config, chunk_size, validate=validate)
         (lse - target).sum().backward()
     assert probe.count == reads
     # positive control: the probe sees a read where one happens
-    with HostReads(monkeypatch) as control:
+    with HostReads() as control:
         int(y.max())
         y.tolist()
     assert control.count == 2

@@ -7,10 +7,17 @@
   (:func:`exchange_metadata`) and every rank raises the same clear error if any rank failed its
   checks or the ranks disagree, before any features are sent. A rank that fails alone would
   otherwise leave the others waiting in a collective until the group's timeout.
+
+The exchange costs one read back to the host per call: each rank all-gathers three int64 numbers
+(its batch size, a 64-bit digest of everything else it would send, a failure flag), and only when a
+rank failed or the digests differ do the ranks all-gather their full metadata to say what differs.
+The batch sizes have to reach the host anyway (the padded all-gather of the rows needs them).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 
 import torch
@@ -54,24 +61,40 @@ def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]
     return start, start + base + (1 if rank < extra else 0)
 
 
-def config_fingerprint(config: MarginConfig, device: torch.device) -> tuple:
+def config_fingerprint(config: MarginConfig) -> tuple:
     """What must be equal on every rank about a configuration, as plain (picklable) values."""
     scale = config.scale
     if isinstance(scale, torch.Tensor):
         # A learned scale's value is not compared: its replicas follow the same all-reduced gradient,
         # but an exact comparison would turn a last-bit difference between ranks into a failed step.
         scale = ("tensor", tuple(scale.shape), scale.requires_grad)
-    target = None
-    if config.target is not None:
-        theta = torch.tensor(PROBE_ANGLES, dtype=torch.float64, device=device)
-        try:
-            with torch.no_grad():
-                values = config.target(torch.cos(theta), theta)
-            # repr round-trips floats exactly and compares nan equal to nan.
-            target = tuple(repr(float(v)) for v in values.double().flatten().tolist())
-        except Exception:
-            target = getattr(config.target, "__qualname__", type(config.target).__qualname__)
-    return (("scale", scale), ("feature_norm", config.feature_norm), ("weight_norm", config.weight_norm), target)
+    return (
+        ("scale", scale),
+        ("feature_norm", config.feature_norm),
+        ("weight_norm", config.weight_norm),
+        _target_fingerprint(config.target),
+    )
+
+
+def _target_fingerprint(target) -> tuple | str | None:
+    """The port's target transforms are frozen dataclasses of numbers: their type and fields say
+    exactly what they compute, with nothing to evaluate. Any other callable (or one holding a
+    tensor) is evaluated at PROBE_ANGLES, on the CPU whatever the data's device, so reading the
+    values back is no device synchronisation."""
+    if target is None:
+        return None
+    if dataclasses.is_dataclass(target) and not isinstance(target, type):
+        fields = dataclasses.astuple(target)
+        if all(isinstance(value, int | float | bool | str) for value in fields):
+            return (type(target).__qualname__, tuple(repr(value) for value in fields))
+    theta = torch.tensor(PROBE_ANGLES, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            values = target(torch.cos(theta), theta)
+        # repr round-trips floats exactly and compares nan equal to nan.
+        return tuple(repr(float(v)) for v in values.double().flatten().tolist())
+    except Exception:
+        return getattr(target, "__qualname__", type(target).__qualname__)
 
 
 # What each operation is, for the error when ranks make different calls at the same time.
@@ -121,6 +144,12 @@ def exchange_metadata(
         mine["error"] = local_failure(local_error)
     else:
         mine.update(metadata)
+    summaries = _gather_summaries(mine, local_error is not None, world, group)  # the one host read
+    if not any(failed for _, _, failed in summaries) and len({digest for _, digest, _ in summaries}) == 1:
+        everyone = [{**mine, "batch": batch} for batch, _, _ in summaries]
+        _refuse_an_empty_global_batch(everyone, world)
+        return everyone
+    # Something differs: gather everything, to say what (the error path, so its cost is no matter).
     everyone: list = [None] * world
     dist.all_gather_object(everyone, mine, group=group)
     failed = [(r, meta["error"]) for r, meta in enumerate(everyone) if "error" in meta]
@@ -138,12 +167,36 @@ def exchange_metadata(
         if any(value != values[0] for value in values[1:]):
             per_rank = "; ".join(f"rank {r}: {value}" for r, value in enumerate(values))
             raise ValueError(f"{key} must be the same on every rank, got {per_rank}")
+    _refuse_an_empty_global_batch(everyone, world)
+    return everyone
+
+
+def _digest(meta: dict) -> int:
+    """A 64-bit digest of a rank's metadata but its batch size (repr of the sorted items: the
+    values are numbers, strings, bools, None and tuples of them, whose repr is exact)."""
+    items = sorted((key, value) for key, value in meta.items() if key != "batch")
+    return int.from_bytes(hashlib.blake2b(repr(items).encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def _gather_summaries(mine: dict, failed: bool, world: int, group) -> list[tuple[int, int, bool]]:
+    """(batch, digest, failed) of every rank, in rank order, from one all-gather of an int64 (3,)
+    tensor: on the CPU for gloo (no device synchronisation at all), on this rank's CUDA device for
+    NCCL (one synchronisation, the read of the result)."""
+    nccl = dist.get_backend(group) == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    batch = int(mine.get("batch", -1))
+    summary = torch.tensor([batch, _digest(mine), int(failed)], dtype=torch.int64, device=device)
+    parts = [torch.empty_like(summary) for _ in range(world)]
+    dist.all_gather(parts, summary, group=group)
+    return [(batch, digest, bool(flag)) for batch, digest, flag in torch.stack(parts).tolist()]
+
+
+def _refuse_an_empty_global_batch(everyone: list[dict], world: int) -> None:
     if all(meta["batch"] == 0 for meta in everyone):
         raise ValueError(
             f"x must hold at least one sample on some rank: x has 0 rows on all {world} ranks, so the "
             "global batch is empty"
         )
-    return everyone
 
 
 def check_local(x, W, y, config, num_classes, rank, world) -> tuple[int, int, torch.Tensor | None]:
@@ -181,7 +234,7 @@ def common_metadata(x, W, num_classes, config) -> dict:
         "W.dtype": str(W.dtype),
         "num_classes": int(num_classes),
         "the device type": x.device.type,
-        "the margin configuration (scale, norms, psi at probe angles)": config_fingerprint(config, x.device),
+        "the margin configuration (scale, norms, psi)": config_fingerprint(config),
     }
 
 

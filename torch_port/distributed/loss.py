@@ -20,10 +20,12 @@ One training step on every rank (:func:`sharded_margin_cross_entropy`, or
    its shard of W gets exactly its rows of the single-process gradient; the gradient of the
    gathered features is summed across ranks and each rank keeps its own rows.
 
-Host synchronisations per step beyond the collectives: one for the label range check (the smallest
-and largest label in one transfer), one for Partial FC's sampling when ``sample_rate < 1`` (the
-number of positives decides k of top-k), and on the chunked path one per pass to group the labels
-by chunk.
+Reads back to the host per step (forward and backward; on a GPU each is a synchronisation),
+counted by tests/test_distributed_faults.py: one, the all-gathered batch sizes and metadata digests
+(agreement.py), which the padded all-gather of the rows needs; plus one per pass of the chunked path
+(grouping the labels by chunk), one for Partial FC's sampling when ``sample_rate < 1`` (the number
+of positives decides k of top-k), and, in eager code on the CPU only, the label range check (on a
+GPU and under torch.compile it is a device-side assertion: torch_port.set_value_checks).
 """
 
 from __future__ import annotations
