@@ -33,3 +33,18 @@ def grad_first(impl: str, name: str, first: np.ndarray, *rest, **kwargs) -> np.n
     t = torch.tensor(first, dtype=torch.float64, requires_grad=True)
     (g,) = torch.autograd.grad(getattr(tpf, name)(t, *map(torch.as_tensor, rest), **kwargs).sum(), t)
     return g.numpy()
+
+
+def distillation_grads(impl: str, student, teacher, y, T, alpha, dtype=torch.float64):
+    """Gradients of sum(distillation_loss(..., reduction="none")) w.r.t. the student's and the
+    teacher's logits (both, as float64 NumPy): HIPS autograd, or torch.autograd in ``dtype``."""
+    if impl == "refimpl":
+
+        def total(a, b):
+            return autograd.numpy.sum(refimpl.distillation_loss(a, b, y, T, alpha, "none"))
+
+        return autograd.grad(total, (0, 1))(student, teacher)
+    zs = torch.tensor(student, dtype=dtype, requires_grad=True)
+    zt = torch.tensor(teacher, dtype=dtype, requires_grad=True)
+    loss = tpf.distillation_loss(zs, zt, torch.from_numpy(y), T, alpha, "none").sum()
+    return tuple(g.double().numpy() for g in torch.autograd.grad(loss, (zs, zt)))
