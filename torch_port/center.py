@@ -11,6 +11,7 @@ from torch import nn
 
 from softmax_common.checks import check_interval, check_nonnegative, check_positive_int, check_reduction
 from torch_port.checkpoint_checks import AtomicLoad
+from torch_port.keyword_only import keyword_hyperparameters
 from torch_port.tensor_checks import (
     check_features_table_labels,
     compute_dtype,
@@ -135,14 +136,15 @@ class CenterLoss(AtomicLoad, nn.Module):
         ECCV 2016, Algorithm 1.
     """
 
+    @keyword_hyperparameters
     def __init__(
         self,
         num_classes: int,
         dim: int,
+        *,
         alpha: float = 0.5,
         loss_weight: float = 1.0,
         learn_centers: bool = False,
-        *,
         reduction: str = "mean",
         device=None,
         dtype=None,

@@ -15,6 +15,7 @@ from torch import nn
 from softmax_common.checks import check_positive_int, check_reduction
 from torch_port.checkpoint_checks import AtomicLoad
 from torch_port.engine import MarginConfig, margin_cross_entropy, plain_logits
+from torch_port.keyword_only import keyword_hyperparameters
 from torch_port.tensor_checks import check_chunk_size
 
 
@@ -43,6 +44,7 @@ class MarginHead(AtomicLoad, nn.Module):
         device, dtype: where and in which dtype to create ``weight``.
     """
 
+    @keyword_hyperparameters
     def __init__(
         self,
         num_classes: int,

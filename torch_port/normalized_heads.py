@@ -28,6 +28,7 @@ from softmax_common.checks import (
 )
 from torch_port.engine import MarginConfig
 from torch_port.heads import MarginHead
+from torch_port.keyword_only import keyword_hyperparameters
 from torch_port.normalized import arcface_config, combined_margin_config, cosface_config, normface_config
 from torch_port.tensor_checks import check_scale_tensor
 
@@ -62,13 +63,14 @@ class NormFace(MarginHead):
         Wang, Xiang, Cheng, Yuille, "NormFace: L2 Hypersphere Embedding for Face Verification", 2017.
     """
 
+    @keyword_hyperparameters
     def __init__(
         self,
         num_classes: int,
         dim: int,
+        *,
         s: float = 16.0,
         learn_scale: bool = False,
-        *,
         reduction: str = "mean",
         chunk_size: int | None = None,
         device=None,
@@ -140,13 +142,14 @@ class CosFace(MarginHead):
         Wang et al., "CosFace: Large Margin Cosine Loss for Deep Face Recognition", CVPR 2018.
     """
 
+    @keyword_hyperparameters
     def __init__(
         self,
         num_classes: int,
         dim: int,
+        *,
         s: float = 64.0,
         m: float = 0.35,
-        *,
         reduction: str = "mean",
         chunk_size: int | None = None,
         device=None,
@@ -177,19 +180,21 @@ class AMSoftmax(CosFace):
         Wang, Cheng, Liu, Liu, "Additive Margin Softmax for Face Verification", IEEE SPL 2018.
     """
 
+    @keyword_hyperparameters
     def __init__(
         self,
         num_classes: int,
         dim: int,
+        *,
         s: float = 30.0,
         m: float = 0.35,
-        *,
         reduction: str = "mean",
         chunk_size: int | None = None,
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__(num_classes, dim, s, m, reduction=reduction, chunk_size=chunk_size, device=device, dtype=dtype)
+        options = dict(reduction=reduction, chunk_size=chunk_size, device=device, dtype=dtype)
+        super().__init__(num_classes, dim, s=s, m=m, **options)
 
 
 class ArcFace(MarginHead):
@@ -211,14 +216,15 @@ class ArcFace(MarginHead):
         CVPR 2019.
     """
 
+    @keyword_hyperparameters
     def __init__(
         self,
         num_classes: int,
         dim: int,
+        *,
         s: float = 64.0,
         m: float = 0.5,
         easy_margin: bool = False,
-        *,
         reduction: str = "mean",
         chunk_size: int | None = None,
         device=None,
@@ -253,15 +259,16 @@ class CombinedMargin(MarginHead):
         CVPR 2019 (the combined margin).
     """
 
+    @keyword_hyperparameters
     def __init__(
         self,
         num_classes: int,
         dim: int,
+        *,
         s: float = 64.0,
         m1: float = 1.0,
         m2: float = 0.5,
         m3: float = 0.0,
-        *,
         reduction: str = "mean",
         chunk_size: int | None = None,
         device=None,

@@ -36,7 +36,7 @@ class SoftmaxHead(nn.Module):
 class SoftmaxCenterHead(SoftmaxHead):
     """Softmax plus the center loss of Wen et al. (2016); the CenterLoss module moves its own centers."""
 
-    def __init__(self, num_classes: int, dim: int, alpha: float, loss_weight: float) -> None:
+    def __init__(self, num_classes: int, dim: int, *, alpha: float, loss_weight: float) -> None:
         super().__init__(num_classes, dim)
         self.center = CenterLoss(num_classes, dim, alpha=alpha, loss_weight=loss_weight)
 
