@@ -98,19 +98,20 @@ def normface_config(s) -> MarginConfig:
 
 
 def cosface_config(s, m) -> MarginConfig:
-    """CosFace/AM-Softmax: target s (cos theta - m)."""
+    """CosFace/AM-Softmax: target s (cos theta - m); m is a cosine margin, not an angle."""
     s, m = check_scale(s), check_cosine_margin(m)
     return MarginConfig(target=CosFaceTarget(m), scale=s)
 
 
 def arcface_config(s, m, easy_margin) -> MarginConfig:
-    """ArcFace: target s cos(theta + m), with the fallback (or the easy margin)."""
+    """ArcFace: target s cos(theta + m), with the fallback (or the easy margin); m in radians, in [0, pi/2]."""
     s, m = check_scale(s), check_angular_margin(m)
     return MarginConfig(target=ArcFaceTarget(m, check_flag(easy_margin, "easy_margin")), scale=s)
 
 
 def combined_margin_config(s, m1, m2, m3) -> MarginConfig:
-    """Combined margin: target s (cos(m1 theta + m2) - m3), extended monotonically past pi."""
+    """Combined margin: target s (cos(m1 theta + m2) - m3), extended monotonically past pi; m1 a multiplier,
+    m2 in radians, m3 a cosine margin."""
     s = check_scale(s)
     return MarginConfig(target=CombinedMarginTarget(*check_combined_margins(m1, m2, m3)), scale=s)
 
@@ -178,6 +179,9 @@ def cosface_logits(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, s: float =
 
     .. math:: z_{i y_i} = s (\cos\theta_{i y_i} - m), \qquad z_{ij} = s \cos\theta_{ij} \ (j \ne y_i)
 
+    m is a cosine margin, subtracted from the target's cosine: a plain number, not an angle (no radians
+    or degrees; pytorch-metric-learning's CosFaceLoss margin is the same number).
+
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
         s: scale > 0. m: cosine margin >= 0.
@@ -207,6 +211,9 @@ def cosface_loss(
         \ell_i = -\log \frac{e^{s(\cos\theta_{i y_i} - m)}}
                            {e^{s(\cos\theta_{i y_i} - m)} + \sum_{j \ne y_i} e^{s \cos\theta_{ij}}}
 
+    m is a cosine margin, subtracted from the target's cosine: a plain number, not an angle (no radians
+    or degrees; pytorch-metric-learning's CosFaceLoss margin is the same number).
+
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
         s: scale > 0 (default 64). m: cosine margin >= 0 (default 0.35).
@@ -225,6 +232,9 @@ def am_softmax_logits(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, s: floa
     r"""AM-Softmax logits: CosFace's formula with AM-Softmax's default s = 30.
 
     .. math:: z_{i y_i} = s (\cos\theta_{i y_i} - m), \qquad z_{ij} = s \cos\theta_{ij} \ (j \ne y_i)
+
+    m is a cosine margin, subtracted from the target's cosine: a plain number, not an angle (no radians
+    or degrees; pytorch-metric-learning's CosFaceLoss margin is the same number).
 
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
@@ -255,6 +265,9 @@ def am_softmax_loss(
         \ell_i = -\log \frac{e^{s(\cos\theta_{i y_i} - m)}}
                            {e^{s(\cos\theta_{i y_i} - m)} + \sum_{j \ne y_i} e^{s \cos\theta_{ij}}}
 
+    m is a cosine margin, subtracted from the target's cosine: a plain number, not an angle (no radians
+    or degrees; pytorch-metric-learning's CosFaceLoss margin is the same number).
+
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
         s: scale > 0 (default 30). m: cosine margin >= 0 (default 0.35).
@@ -283,6 +296,11 @@ def arcface_logits(
 
         z_{i y_i} = s\,\psi(\theta_{i y_i}), \quad z_{ij} = s \cos\theta_{ij}, \qquad
         \psi(\theta) = \cos(\theta + m) \text{ if } \theta + m \le \pi \text{ else } \cos\theta - m\sin m
+
+    m is an angle in radians (the default 0.5 rad is 28.6 degrees; pytorch-metric-learning's ArcFaceLoss
+    takes degrees), in [0, pi/2]: past a right angle a feature on its class's direction would get the
+    target logit s cos m < 0, below that of any class orthogonal to it. A larger m is refused, with its
+    value in radians when it reads as degrees (28.6 -> 0.4992).
 
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
@@ -322,6 +340,11 @@ def arcface_loss(
     elsewhere; that psi jumps up by sin m at pi/2). Gradients are exact away from theta = 0, pi - m
     and pi, finite everywhere (zero through theta at the poles).
 
+    m is an angle in radians (the default 0.5 rad is 28.6 degrees; pytorch-metric-learning's ArcFaceLoss
+    takes degrees), in [0, pi/2]: past a right angle a feature on its class's direction would get the
+    target logit s cos m < 0, below that of any class orthogonal to it. A larger m is refused, with its
+    value in radians when it reads as degrees (28.6 -> 0.4992).
+
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
         s: scale > 0 (default 64). m: angular margin in [0, pi/2] (default 0.5).
@@ -354,6 +377,10 @@ def combined_margin_logits(
         z_{i y_i} = s\,\psi(\theta_{i y_i}), \quad z_{ij} = s \cos\theta_{ij}, \qquad
         \psi(\theta) = \cos(m_1\theta + m_2) - m_3 \text{ if } m_1\theta + m_2 \le \pi
         \text{ else } \cos\theta - m_3 - c(m_1, m_2)
+
+    Units: m1 multiplies the target's angle (a number >= 1, no unit); m2 is an angle in radians added to
+    it, in [0, pi/2] as ArcFace's m (a larger m2 is refused, with its value in radians when it reads as
+    degrees); m3 is a cosine margin subtracted from the cosine, not an angle.
 
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
@@ -391,6 +418,10 @@ def combined_margin_loss(
 
     with c from ``softmax_common.closed_forms.combined_margin_gap``: psi is non-increasing, <= cos theta, and
     equals ArcFace's psi for (1, m, 0) and CosFace's for (1, 0, m).
+
+    Units: m1 multiplies the target's angle (a number >= 1, no unit); m2 is an angle in radians added to
+    it, in [0, pi/2] as ArcFace's m (a larger m2 is refused, with its value in radians when it reads as
+    degrees); m3 is a cosine margin subtracted from the cosine, not an angle.
 
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).

@@ -133,6 +133,9 @@ class CosFace(MarginHead):
         \ell_i = -\log \frac{e^{s(\cos\theta_{i y_i} - m)}}
                            {e^{s(\cos\theta_{i y_i} - m)} + \sum_{j \ne y_i} e^{s \cos\theta_{ij}}}
 
+    m is a cosine margin, subtracted from the target's cosine: a plain number, not an angle (no radians
+    or degrees; pytorch-metric-learning's CosFaceLoss margin is the same number).
+
     Args:
         num_classes: C >= 1. dim: feature dimension D >= 1.
         s: scale > 0 (default 64). m: cosine margin >= 0 (default 0.35).
@@ -171,6 +174,9 @@ class AMSoftmax(CosFace):
 
     .. math:: z_{i y_i} = s (\cos\theta_{i y_i} - m), \qquad z_{ij} = s \cos\theta_{ij}
 
+    m is a cosine margin, subtracted from the target's cosine: a plain number, not an angle (no radians
+    or degrees; pytorch-metric-learning's CosFaceLoss margin is the same number).
+
     Args:
         num_classes: C >= 1. dim: feature dimension D >= 1.
         s: scale > 0 (default 30). m: cosine margin >= 0 (default 0.35).
@@ -204,6 +210,11 @@ class ArcFace(MarginHead):
 
         \psi(\theta) = \cos(\theta + m) \text{ while } \theta + m \le \pi,
         \text{ else } \cos\theta - m \sin m; \qquad z_{i y_i} = s\,\psi(\theta_{i y_i})
+
+    m is an angle in radians (the default 0.5 rad is 28.6 degrees; pytorch-metric-learning's ArcFaceLoss
+    takes degrees), in [0, pi/2]: past a right angle a feature on its class's direction would get the
+    target logit s cos m < 0, below that of any class orthogonal to it. A larger m is refused, with its
+    value in radians when it reads as degrees (28.6 -> 0.4992).
 
     Args:
         num_classes: C >= 1. dim: feature dimension D >= 1.
@@ -247,6 +258,10 @@ class CombinedMargin(MarginHead):
 
     (m1, m2, m3) = (1, m, 0) is ArcFace, (1, 0, m) is CosFace; see
     ``torch_port.functional.combined_margin_loss`` for the extension past theta* = (pi - m2)/m1.
+
+    Units: m1 multiplies the target's angle (a number >= 1, no unit); m2 is an angle in radians added to
+    it, in [0, pi/2] as ArcFace's m (a larger m2 is refused, with its value in radians when it reads as
+    degrees); m3 is a cosine margin subtracted from the cosine, not an angle.
 
     Args:
         num_classes: C >= 1. dim: feature dimension D >= 1.
