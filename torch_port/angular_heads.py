@@ -111,7 +111,7 @@ class _AnnealedMarginHead(MarginHead):
     by k to keep the released pace.
     """
 
-    def __init__(self, num_classes, dim, *, m, schedule, reduction, chunk_size, device, dtype) -> None:
+    def __init__(self, num_classes, dim, m, schedule, *, reduction, chunk_size, device, dtype) -> None:
         m = check_positive_int(m, "m")
         if not isinstance(schedule, MarginSchedule):
             raise TypeError(f"schedule must be a MarginSchedule, got {type(schedule).__name__}")
