@@ -127,6 +127,7 @@ class _AnnealedMarginHead(MarginHead):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not self.training:
+            self.check_features(x)
             return margin_cross_entropy(
                 x, self.weight, y, self.inference_config(), self.reduction, chunk_size=self.chunk_size
             )

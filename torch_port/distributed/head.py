@@ -145,13 +145,16 @@ class ShardedMarginHead(nn.Module):
             chunk_size=self.chunk_size,
             generator=self.generator,
             group=self.group,
+            owner=type(self).__name__,
         )
         self.last_kept_classes = kept
         return loss
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Margin-free logits (B_r, C) of this rank's samples, all classes (a collective)."""
-        return sharded_logits(x, self.weight, self.config, num_classes=self.num_classes, group=self.group)
+        return sharded_logits(
+            x, self.weight, self.config, num_classes=self.num_classes, group=self.group, owner=type(self).__name__
+        )
 
     # --- checkpoints ---
 
