@@ -140,6 +140,9 @@ def cosface_logits(x, W, y, s=64.0, m=0.35):
 
         z_{ij} = s \cos\theta_{ij} \ (j \ne y_i), \qquad z_{i y_i} = s (\cos\theta_{i y_i} - m)
 
+    m is a cosine margin, subtracted from the target's cosine: a plain number, not an angle (no radians
+    or degrees; pytorch-metric-learning's CosFaceLoss margin is the same number).
+
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
         s: scale in (0, 1e4]. m: cosine margin >= 0.
@@ -164,6 +167,9 @@ def cosface_loss(x, W, y, s=64.0, m=0.35, reduction="mean"):
         \ell_i = -\log \frac{e^{s(\cos\theta_{i y_i} - m)}}
                            {e^{s(\cos\theta_{i y_i} - m)} + \sum_{j \ne y_i} e^{s \cos\theta_{ij}}}
 
+    m is a cosine margin, subtracted from the target's cosine: a plain number, not an angle (no radians
+    or degrees; pytorch-metric-learning's CosFaceLoss margin is the same number).
+
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
         s: scale in (0, 1e4] (default 64). m: cosine margin >= 0 (default 0.35).
@@ -185,6 +191,9 @@ def am_softmax_logits(x, W, y, s=30.0, m=0.35):
 
     .. math:: z_{i y_i} = s (\cos\theta_{i y_i} - m), \qquad z_{ij} = s \cos\theta_{ij}
 
+    m is a cosine margin, subtracted from the target's cosine: a plain number, not an angle (no radians
+    or degrees; pytorch-metric-learning's CosFaceLoss margin is the same number).
+
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
         s: scale in (0, 1e4]. m: cosine margin >= 0.
@@ -205,6 +214,9 @@ def am_softmax_loss(x, W, y, s=30.0, m=0.35, reduction="mean"):
 
         \ell_i = -\log \frac{e^{s(\cos\theta_{i y_i} - m)}}
                            {e^{s(\cos\theta_{i y_i} - m)} + \sum_{j \ne y_i} e^{s \cos\theta_{ij}}}
+
+    m is a cosine margin, subtracted from the target's cosine: a plain number, not an angle (no radians
+    or degrees; pytorch-metric-learning's CosFaceLoss margin is the same number).
 
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
@@ -236,6 +248,11 @@ def arcface_logits(x, W, y, s=64.0, m=0.5, easy_margin=False):
     down at pi - m by cos m + m sin m - 1 >= 0, so it stays non-increasing. With ``easy_margin`` the
     margin applies only where cos theta > 0, and psi = cos theta elsewhere (this psi jumps *up* by
     sin m at theta = pi/2).
+
+    m is an angle in radians (the default 0.5 rad is 28.6 degrees; pytorch-metric-learning's ArcFaceLoss
+    takes degrees), in [0, pi/2]: past a right angle a feature on its class's direction would get the
+    target logit s cos m < 0, below that of any class orthogonal to it. A larger m is refused, with its
+    value in radians when it reads as degrees (28.6 -> 0.4992).
 
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
@@ -271,6 +288,11 @@ def arcface_loss(x, W, y, s=64.0, m=0.5, easy_margin=False, reduction="mean"):
         \qquad \psi(\theta) = \cos(\theta + m) \text{ while } \theta + m \le \pi,
         \text{ else } \cos\theta - m \sin m
 
+    m is an angle in radians (the default 0.5 rad is 28.6 degrees; pytorch-metric-learning's ArcFaceLoss
+    takes degrees), in [0, pi/2]: past a right angle a feature on its class's direction would get the
+    target logit s cos m < 0, below that of any class orthogonal to it. A larger m is refused, with its
+    value in radians when it reads as degrees (28.6 -> 0.4992).
+
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
         s: scale in (0, 1e4] (default 64). m: angular margin in [0, pi/2] (default 0.5).
@@ -304,6 +326,10 @@ def combined_margin_logits(x, W, y, s=64.0, m1=1.0, m2=0.5, m3=0.0):
     when m1 = 1, m3 = 0 (derivations/05-arcface-combined.md). (m1, m2, m3) = (1, 0, m) is CosFace,
     (1, m, 0) is ArcFace; m1 > 1 is SphereFace's multiplicative margin without its piecewise psi.
 
+    Units: m1 multiplies the target's angle (a number >= 1, no unit); m2 is an angle in radians added to
+    it, in [0, pi/2] as ArcFace's m (a larger m2 is refused, with its value in radians when it reads as
+    degrees); m3 is a cosine margin subtracted from the cosine, not an angle.
+
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
         s: scale in (0, 1e4]. m1: in [1, 16]. m2: in [0, pi/2]. m3: >= 0.
@@ -334,6 +360,10 @@ def combined_margin_loss(x, W, y, s=64.0, m1=1.0, m2=0.5, m3=0.0, reduction="mea
                            {e^{s \psi(\theta_{i y_i})} + \sum_{j \ne y_i} e^{s \cos\theta_{ij}}}
 
     with psi as in :func:`combined_margin_logits`.
+
+    Units: m1 multiplies the target's angle (a number >= 1, no unit); m2 is an angle in radians added to
+    it, in [0, pi/2] as ArcFace's m (a larger m2 is refused, with its value in radians when it reads as
+    degrees); m3 is a cosine margin subtracted from the cosine, not an angle.
 
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).

@@ -121,9 +121,21 @@ def check_cosine_margin(m: object) -> float:
 
 
 def check_angular_margin(m: object, name: str = "m") -> float:
-    """An additive angle in radians, in [0, pi/2]: on that range the ArcFace fallback keeps psi
-    non-increasing."""
-    return check_interval(m, name, 0.0, math.pi / 2)
+    """An additive angle in radians, in [0, pi/2]. Above a right angle the margin stops making sense:
+    a feature on its class's direction (theta = 0) would get the target logit s cos m < 0, below that
+    of any class orthogonal to it, and the ArcFace fallback's drop is proved non-negative (psi
+    non-increasing) on [0, pi/2] (derivations/05-arcface-combined.md). A value refused above pi/2
+    that is a valid margin in degrees (at most 90, e.g. pytorch-metric-learning's 28.6) gets its
+    value in radians in the message (28.6 degrees = 0.4992)."""
+    value = real_number(m, name)
+    if 0.0 <= value <= math.pi / 2:
+        return value
+    hint = ""
+    if math.pi / 2 < value <= 90.0:
+        hint = f"; if {value:g} was meant in degrees, pass math.radians({value:g}) = {math.radians(value):.4g}"
+    raise ValueError(
+        f"{name} must lie in [0.0, {math.pi / 2}] (an angle in radians; pi/2 is 90 degrees), got {value}{hint}"
+    )
 
 
 def check_combined_margins(m1: object, m2: object, m3: object) -> tuple[float, float, float]:

@@ -67,10 +67,10 @@ def _fails_on(rank: int, error: Exception):
     """A stand-in for the local checks that raises ``error`` on ``rank`` (and checks as usual elsewhere)."""
     real = agreement.check_local
 
-    def check_local(x, W, y, config, num_classes, this_rank, world):
+    def check_local(x, W, y, config, num_classes, this_rank, world, **options):
         if this_rank == rank:
             raise error
-        return real(x, W, y, config, num_classes, this_rank, world)
+        return real(x, W, y, config, num_classes, this_rank, world, **options)
 
     return mock.patch.object(sharded_loss_module, "check_local", check_local)
 

@@ -118,6 +118,8 @@ def _run_mismatches(rank: int, world: int) -> dict:
     y = torch.randint(0, num_classes, (batch,), generator=gen)
     cosface = make_config("cosface")
     cosface_with = BY_NAME["cosface_loss"].config
+    head = ShardedMarginHead(num_classes, dim, cosface, dtype=torch.float64)
+    wide = torch.randn(batch, dim + 1, dtype=torch.float64, generator=gen)
 
     def call(x=x, W=W, y=y, config=cosface, num_classes=num_classes, **kw):
         return sharded_margin_cross_entropy(x, W, y, config, num_classes=num_classes, **kw)
@@ -145,6 +147,8 @@ def _run_mismatches(rank: int, world: int) -> dict:
             NormFace(num_classes, dim, learn_scale=True)
         ),
         "load_full_weight of a shard": lambda: ShardedMarginHead(num_classes, dim, cosface).load_full_weight(W),
+        "head given x of another width": lambda: head(wide if odd else x, y),
+        "head logits of x of another width": lambda: head.logits(wide if odd else x),
     }
     results = {name: _outcome(fn) for name, fn in scenarios.items()}
     results["weight unchanged"] = bool(torch.equal(W.detach(), before)) and W.grad is None

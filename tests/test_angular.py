@@ -312,7 +312,8 @@ def test_released_schedules_and_their_closed_form():
         crossing = math.floor((ratio ** (1 / 35) - 1) / 2.5e-5)
         assert lsoftmax.value_at(crossing) > 1000.0 / ratio > lsoftmax.value_at(crossing + 1)
     assert MarginSchedule.constant(0.0).value_at(10**9) == 0.0
-    assert MarginSchedule(1000.0, 0.12, 1.0, 5.0, iteration=1000).value() == sphereface.value_at(1000)
+    resumed = MarginSchedule(base=1000.0, gamma=0.12, power=1.0, minimum=5.0, iteration=1000)
+    assert resumed.value() == sphereface.value_at(1000)
 
 
 @pytest.mark.parametrize(

@@ -203,6 +203,11 @@ def test_mismatched_inputs_raise_the_same_clear_error_on_every_rank(launched):
         "config of the wrong type": "config must be a torch_port.engine.MarginConfig",
         "from_head of a learned scale": "from_head copies fixed configurations",
         "load_full_weight of a shard": r"weight must have shape \(10, 5\) \(the full weight\)",
+        # A head owns W: x of another width is x's error, naming the head's dim (issue 14, item 3).
+        "head given x of another width": rf"rank {world - 1} rejected .*: x must have 5 columns, the dim of this "
+        r"ShardedMarginHead \(its weight shard has shape \(\d+, 5\)\), got 6",
+        "head logits of x of another width": r"computes the logits: x must have 5 columns, the dim of this "
+        r"ShardedMarginHead",
     }
     for scenario, pattern in expected_words.items():
         for rank, got in enumerate(results):

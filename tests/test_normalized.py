@@ -571,7 +571,7 @@ def test_a_failed_call_changes_nothing(head_name):
     bad_calls = [
         (lambda: head(x, torch.tensor([0, 1, 2, 3])), ValueError, r"\by\b.*\[0, 3\)"),
         (lambda: head(x, torch.tensor([0.0, 1.0, 2.0, 0.0])), TypeError, r"\by\b.*integer"),
-        (lambda: head(x[:, :2], torch.tensor([0, 1, 2, 0])), ValueError, r"\bW\b.*\(C, 2\)"),
+        (lambda: head(x[:, :2], torch.tensor([0, 1, 2, 0])), ValueError, r"^x must have 3 columns, the dim of"),
         (lambda: head(x.double(), torch.tensor([0, 1, 2, 0])), TypeError, r"float64"),
         (lambda: head(x, torch.tensor([0, 1])), ValueError, r"\by\b.*shape"),
     ]

@@ -21,6 +21,7 @@ from torch_port.angular import lsoftmax_config, sphereface_config
 from torch_port.checkpoint_checks import AtomicLoad
 from torch_port.engine import MarginConfig, margin_cross_entropy
 from torch_port.heads import MarginHead
+from torch_port.keyword_only import keyword_hyperparameters
 
 
 class MarginSchedule(AtomicLoad, nn.Module):
@@ -49,7 +50,8 @@ class MarginSchedule(AtomicLoad, nn.Module):
 
     iteration: torch.Tensor
 
-    def __init__(self, base: float, gamma: float, power: float, minimum: float = 0.0, iteration: int = 0) -> None:
+    @keyword_hyperparameters
+    def __init__(self, *, base: float, gamma: float, power: float, minimum: float = 0.0, iteration: int = 0) -> None:
         super().__init__()
         self.base = check_nonnegative(base, "base")
         self.gamma = check_nonnegative(gamma, "gamma")
@@ -132,6 +134,7 @@ class _AnnealedMarginHead(MarginHead):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not self.training:
+            self.check_features(x)
             return margin_cross_entropy(
                 x, self.weight, y, self.inference_config(), self.reduction, chunk_size=self.chunk_size
             )
@@ -167,22 +170,22 @@ class LSoftmax(_AnnealedMarginHead):
         Liu, Wen, Yu, Yang, "Large-Margin Softmax Loss for Convolutional Neural Networks", ICML 2016.
     """
 
+    @keyword_hyperparameters
     def __init__(
         self,
         num_classes: int,
         dim: int,
+        *,
         m: int = 4,
         schedule: MarginSchedule | None = None,
-        *,
         reduction: str = "mean",
         chunk_size: int | None = None,
         device=None,
         dtype=None,
     ) -> None:
         schedule = MarginSchedule.lsoftmax() if schedule is None else schedule
-        super().__init__(
-            num_classes, dim, m, schedule, reduction=reduction, chunk_size=chunk_size, device=device, dtype=dtype
-        )
+        options = dict(reduction=reduction, chunk_size=chunk_size, device=device, dtype=dtype)
+        super().__init__(num_classes, dim, m=m, schedule=schedule, **options)
 
     def reset_parameters(self) -> None:
         nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="relu")
@@ -213,22 +216,22 @@ class SphereFace(_AnnealedMarginHead):
         Liu, Wen, Yu, Li, Raj, Song, "SphereFace: Deep Hypersphere Embedding for Face Recognition", CVPR 2017.
     """
 
+    @keyword_hyperparameters
     def __init__(
         self,
         num_classes: int,
         dim: int,
+        *,
         m: int = 4,
         schedule: MarginSchedule | None = None,
-        *,
         reduction: str = "mean",
         chunk_size: int | None = None,
         device=None,
         dtype=None,
     ) -> None:
         schedule = MarginSchedule.sphereface() if schedule is None else schedule
-        super().__init__(
-            num_classes, dim, m, schedule, reduction=reduction, chunk_size=chunk_size, device=device, dtype=dtype
-        )
+        options = dict(reduction=reduction, chunk_size=chunk_size, device=device, dtype=dtype)
+        super().__init__(num_classes, dim, m=m, schedule=schedule, **options)
 
     def _config(self, m: int, weight: float | torch.Tensor) -> MarginConfig:
         return sphereface_config(m, weight)

@@ -11,7 +11,9 @@ from torch import nn
 
 from softmax_common.checks import check_interval, check_nonnegative, check_positive_int, check_reduction
 from torch_port.checkpoint_checks import AtomicLoad
+from torch_port.keyword_only import keyword_hyperparameters
 from torch_port.tensor_checks import (
+    check_feature_width,
     check_features_table_labels,
     compute_dtype,
     reduce_loss,
@@ -135,14 +137,15 @@ class CenterLoss(AtomicLoad, nn.Module):
         ECCV 2016, Algorithm 1.
     """
 
+    @keyword_hyperparameters
     def __init__(
         self,
         num_classes: int,
         dim: int,
+        *,
         alpha: float = 0.5,
         loss_weight: float = 1.0,
         learn_centers: bool = False,
-        *,
         reduction: str = "mean",
         device=None,
         dtype=None,
@@ -163,6 +166,7 @@ class CenterLoss(AtomicLoad, nn.Module):
             self.register_buffer("centers", centers)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        check_feature_width(x, self.centers, "CenterLoss", "centers")
         loss = self.loss_weight * center_loss(x, y, self.centers, self.reduction)
         if self.training and not self.learn_centers and torch.is_grad_enabled():
             with torch.no_grad():

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from softmax_common.checks import check_interval, check_positive, check_reduction
+from torch_port.keyword_only import keyword_hyperparameters
 from torch_port.softmax import distillation_loss
 
 
@@ -26,7 +27,8 @@ class DistillationLoss(nn.Module):
         >>> loss = criterion(student(images), teacher_logits, labels)
     """
 
-    def __init__(self, T: float = 4.0, alpha: float = 0.9, reduction: str = "mean") -> None:
+    @keyword_hyperparameters
+    def __init__(self, *, T: float = 4.0, alpha: float = 0.9, reduction: str = "mean") -> None:
         super().__init__()
         self.T = check_positive(T, "T")
         self.alpha = check_interval(alpha, "alpha", 0.0, 1.0)

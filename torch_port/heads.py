@@ -15,7 +15,8 @@ from torch import nn
 from softmax_common.checks import check_positive_int, check_reduction
 from torch_port.checkpoint_checks import AtomicLoad
 from torch_port.engine import MarginConfig, margin_cross_entropy, plain_logits
-from torch_port.tensor_checks import check_chunk_size
+from torch_port.keyword_only import keyword_hyperparameters
+from torch_port.tensor_checks import check_chunk_size, check_feature_width
 
 
 class MarginHead(AtomicLoad, nn.Module):
@@ -43,6 +44,7 @@ class MarginHead(AtomicLoad, nn.Module):
         device, dtype: where and in which dtype to create ``weight``.
     """
 
+    @keyword_hyperparameters
     def __init__(
         self,
         num_classes: int,
@@ -70,11 +72,18 @@ class MarginHead(AtomicLoad, nn.Module):
     def inference_config(self) -> MarginConfig:
         return dataclasses.replace(self.margin_config(), target=None)
 
+    def check_features(self, x) -> None:
+        """x must have this head's dim columns; a mismatch is x's error, naming the head's dim (the
+        engine's check, given x and W, would name W's shape)."""
+        check_feature_width(x, self.weight, type(self).__name__)
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.check_features(x)
         return margin_cross_entropy(x, self.weight, y, self.margin_config(), self.reduction, chunk_size=self.chunk_size)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Margin-free logits (B, C) for inference: what the argmax and the softmax are taken of."""
+        self.check_features(x)
         return plain_logits(x, self.weight, self.inference_config())
 
     def extra_repr(self) -> str:

@@ -98,19 +98,19 @@ def normface_config(s) -> MarginConfig:
 
 
 def cosface_config(s, m) -> MarginConfig:
-    """CosFace/AM-Softmax: target s (cos theta - m)."""
+    """CosFace/AM-Softmax: target s (cos theta - m); m is a cosine margin, not an angle."""
     s, m = check_scale(s), check_cosine_margin(m)
     return MarginConfig(target=CosFaceTarget(m), scale=s)
 
 
 def arcface_config(s, m, easy_margin) -> MarginConfig:
-    """ArcFace: target s cos(theta + m), with the fallback (or the easy margin)."""
+    """ArcFace: target s cos(theta + m), m in radians, with the fallback (or the easy margin)."""
     s, m = check_scale(s), check_angular_margin(m)
     return MarginConfig(target=ArcFaceTarget(m, check_flag(easy_margin, "easy_margin")), scale=s)
 
 
 def combined_margin_config(s, m1, m2, m3) -> MarginConfig:
-    """Combined margin: target s (cos(m1 theta + m2) - m3), extended monotonically past pi."""
+    """Combined margin: target s (cos(m1 theta + m2) - m3), m2 in radians, extended monotonically past pi."""
     s = check_scale(s)
     return MarginConfig(target=CombinedMarginTarget(*check_combined_margins(m1, m2, m3)), scale=s)
 
@@ -174,7 +174,7 @@ def normface_loss(
 
 
 def cosface_logits(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, s: float = 64.0, m: float = 0.35):
-    r"""CosFace logits: the target's cosine lowered by m, every cosine scaled by s.
+    r"""CosFace logits: the target's cosine lowered by m (a cosine margin, not an angle), every cosine scaled by s.
 
     .. math:: z_{i y_i} = s (\cos\theta_{i y_i} - m), \qquad z_{ij} = s \cos\theta_{ij} \ (j \ne y_i)
 
@@ -207,6 +207,8 @@ def cosface_loss(
         \ell_i = -\log \frac{e^{s(\cos\theta_{i y_i} - m)}}
                            {e^{s(\cos\theta_{i y_i} - m)} + \sum_{j \ne y_i} e^{s \cos\theta_{ij}}}
 
+    m is a cosine margin, subtracted from the target's cosine: a plain number, not an angle.
+
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
         s: scale in (0, 1e4] (default 64). m: cosine margin >= 0 (default 0.35).
@@ -222,7 +224,7 @@ def cosface_loss(
 
 
 def am_softmax_logits(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, s: float = 30.0, m: float = 0.35):
-    r"""AM-Softmax logits: CosFace's formula with AM-Softmax's default s = 30.
+    r"""AM-Softmax logits: CosFace's formula with AM-Softmax's default s = 30 (m a cosine margin, not an angle).
 
     .. math:: z_{i y_i} = s (\cos\theta_{i y_i} - m), \qquad z_{ij} = s \cos\theta_{ij} \ (j \ne y_i)
 
@@ -255,6 +257,8 @@ def am_softmax_loss(
         \ell_i = -\log \frac{e^{s(\cos\theta_{i y_i} - m)}}
                            {e^{s(\cos\theta_{i y_i} - m)} + \sum_{j \ne y_i} e^{s \cos\theta_{ij}}}
 
+    m is a cosine margin, subtracted from the target's cosine: a plain number, not an angle.
+
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
         s: scale in (0, 1e4] (default 30). m: cosine margin >= 0 (default 0.35).
@@ -277,7 +281,7 @@ def arcface_logits(
     m: float = 0.5,
     easy_margin: bool = False,
 ):
-    r"""ArcFace logits: the margin added to the target's angle.
+    r"""ArcFace logits: the margin m, an angle in radians in [0, pi/2], added to the target's angle.
 
     .. math::
 
@@ -322,6 +326,10 @@ def arcface_loss(
     elsewhere; that psi jumps up by sin m at pi/2). Gradients are exact away from theta = 0, pi - m
     and pi, finite everywhere (zero through theta at the poles).
 
+    m is an angle in radians (0.5 rad = 28.6 degrees; pytorch-metric-learning's ArcFaceLoss takes degrees), at most
+    pi/2: past a right angle a feature on its class's direction would score s cos m < 0, below every class orthogonal
+    to it. A larger m is refused, with its value in radians when it reads as degrees (28.6 -> 0.4992).
+
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
         s: scale in (0, 1e4] (default 64). m: angular margin in [0, pi/2] (default 0.5).
@@ -354,6 +362,8 @@ def combined_margin_logits(
         z_{i y_i} = s\,\psi(\theta_{i y_i}), \quad z_{ij} = s \cos\theta_{ij}, \qquad
         \psi(\theta) = \cos(m_1\theta + m_2) - m_3 \text{ if } m_1\theta + m_2 \le \pi
         \text{ else } \cos\theta - m_3 - c(m_1, m_2)
+
+    Units: m1 multiplies the angle; m2 is an angle in radians (see :func:`combined_margin_loss`); m3 a cosine margin.
 
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
@@ -391,6 +401,9 @@ def combined_margin_loss(
 
     with c from ``softmax_common.closed_forms.combined_margin_gap``: psi is non-increasing, <= cos theta, and
     equals ArcFace's psi for (1, m, 0) and CosFace's for (1, 0, m).
+
+    Units: m1 multiplies the angle (a number >= 1); m2 is an angle in radians, in [0, pi/2] as ArcFace's m; m3 is a
+    cosine margin, not an angle.
 
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).

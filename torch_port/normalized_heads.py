@@ -28,6 +28,7 @@ from softmax_common.checks import (
 )
 from torch_port.engine import MarginConfig
 from torch_port.heads import MarginHead
+from torch_port.keyword_only import keyword_hyperparameters
 from torch_port.normalized import arcface_config, combined_margin_config, cosface_config, normface_config
 from torch_port.tensor_checks import check_scale_tensor
 
@@ -62,13 +63,14 @@ class NormFace(MarginHead):
         Wang, Xiang, Cheng, Yuille, "NormFace: L2 Hypersphere Embedding for Face Verification", 2017.
     """
 
+    @keyword_hyperparameters
     def __init__(
         self,
         num_classes: int,
         dim: int,
+        *,
         s: float = 16.0,
         learn_scale: bool = False,
-        *,
         reduction: str = "mean",
         chunk_size: int | None = None,
         device=None,
@@ -131,6 +133,9 @@ class CosFace(MarginHead):
         \ell_i = -\log \frac{e^{s(\cos\theta_{i y_i} - m)}}
                            {e^{s(\cos\theta_{i y_i} - m)} + \sum_{j \ne y_i} e^{s \cos\theta_{ij}}}
 
+    m is a cosine margin, subtracted from the target's cosine: a plain number, not an angle (no radians
+    or degrees; pytorch-metric-learning's CosFaceLoss margin is the same number).
+
     Args:
         num_classes: C >= 1. dim: feature dimension D >= 1.
         s: scale in (0, 1e4] (default 64). m: cosine margin >= 0 (default 0.35).
@@ -140,13 +145,14 @@ class CosFace(MarginHead):
         Wang et al., "CosFace: Large Margin Cosine Loss for Deep Face Recognition", CVPR 2018.
     """
 
+    @keyword_hyperparameters
     def __init__(
         self,
         num_classes: int,
         dim: int,
+        *,
         s: float = 64.0,
         m: float = 0.35,
-        *,
         reduction: str = "mean",
         chunk_size: int | None = None,
         device=None,
@@ -168,6 +174,9 @@ class AMSoftmax(CosFace):
 
     .. math:: z_{i y_i} = s (\cos\theta_{i y_i} - m), \qquad z_{ij} = s \cos\theta_{ij}
 
+    m is a cosine margin, subtracted from the target's cosine: a plain number, not an angle (no radians
+    or degrees; pytorch-metric-learning's CosFaceLoss margin is the same number).
+
     Args:
         num_classes: C >= 1. dim: feature dimension D >= 1.
         s: scale in (0, 1e4] (default 30). m: cosine margin >= 0 (default 0.35).
@@ -177,19 +186,21 @@ class AMSoftmax(CosFace):
         Wang, Cheng, Liu, Liu, "Additive Margin Softmax for Face Verification", IEEE SPL 2018.
     """
 
+    @keyword_hyperparameters
     def __init__(
         self,
         num_classes: int,
         dim: int,
+        *,
         s: float = 30.0,
         m: float = 0.35,
-        *,
         reduction: str = "mean",
         chunk_size: int | None = None,
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__(num_classes, dim, s, m, reduction=reduction, chunk_size=chunk_size, device=device, dtype=dtype)
+        options = dict(reduction=reduction, chunk_size=chunk_size, device=device, dtype=dtype)
+        super().__init__(num_classes, dim, s=s, m=m, **options)
 
 
 class ArcFace(MarginHead):
@@ -199,6 +210,11 @@ class ArcFace(MarginHead):
 
         \psi(\theta) = \cos(\theta + m) \text{ while } \theta + m \le \pi,
         \text{ else } \cos\theta - m \sin m; \qquad z_{i y_i} = s\,\psi(\theta_{i y_i})
+
+    m is an angle in radians (the default 0.5 rad is 28.6 degrees; pytorch-metric-learning's ArcFaceLoss
+    takes degrees), in [0, pi/2]: past a right angle a feature on its class's direction would get the
+    target logit s cos m < 0, below that of any class orthogonal to it. A larger m is refused, with its
+    value in radians when it reads as degrees (28.6 -> 0.4992).
 
     Args:
         num_classes: C >= 1. dim: feature dimension D >= 1.
@@ -211,14 +227,15 @@ class ArcFace(MarginHead):
         CVPR 2019.
     """
 
+    @keyword_hyperparameters
     def __init__(
         self,
         num_classes: int,
         dim: int,
+        *,
         s: float = 64.0,
         m: float = 0.5,
         easy_margin: bool = False,
-        *,
         reduction: str = "mean",
         chunk_size: int | None = None,
         device=None,
@@ -242,6 +259,10 @@ class CombinedMargin(MarginHead):
     (m1, m2, m3) = (1, m, 0) is ArcFace, (1, 0, m) is CosFace; see
     ``torch_port.functional.combined_margin_loss`` for the extension past theta* = (pi - m2)/m1.
 
+    Units: m1 multiplies the target's angle (a number >= 1, no unit); m2 is an angle in radians added to
+    it, in [0, pi/2] as ArcFace's m (a larger m2 is refused, with its value in radians when it reads as
+    degrees); m3 is a cosine margin subtracted from the cosine, not an angle.
+
     Args:
         num_classes: C >= 1. dim: feature dimension D >= 1.
         s: scale in (0, 1e4] (default 64). m1: in [1, 16] (default 1). m2: in [0, pi/2] (default 0.5).
@@ -253,15 +274,16 @@ class CombinedMargin(MarginHead):
         CVPR 2019 (the combined margin).
     """
 
+    @keyword_hyperparameters
     def __init__(
         self,
         num_classes: int,
         dim: int,
+        *,
         s: float = 64.0,
         m1: float = 1.0,
         m2: float = 0.5,
         m3: float = 0.0,
-        *,
         reduction: str = "mean",
         chunk_size: int | None = None,
         device=None,

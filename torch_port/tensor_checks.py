@@ -173,6 +173,18 @@ def check_features_table_labels(x, table, y, table_name: str, low: int = 0):
     return check_labels(y, x.shape[0], table.shape[0], low=low, same_device_as=("x", x))
 
 
+def check_feature_width(x, table: torch.Tensor, owner: str, table_name: str = "weight") -> None:
+    """For a module that owns its per-class table (a head's weight, CenterLoss's centers): features x
+    (B, D) must have the table's D columns, and a mismatch blames x, the argument the caller gave,
+    naming the module's dim. (:func:`check_features_table_labels`, given both tensors by the caller,
+    names both.) Only the width of a 2-d tensor is checked here; the rest is left to that check."""
+    if isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[1] != table.shape[1]:
+        raise ValueError(
+            f"x must have {table.shape[1]} columns, the dim of this {owner} (its {table_name} has shape "
+            f"{tuple(table.shape)}), got {x.shape[1]}: x has shape {tuple(x.shape)}"
+        )
+
+
 def check_scale_tensor(s: torch.Tensor, *, read_value: bool = True) -> torch.Tensor:
     """A scale s given as a tensor (a learnable s, or s kept on a device), held to the rules of a number.
 
@@ -217,6 +229,7 @@ def reduce_loss(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
 __all__ = [
     "HALF_DTYPES",
     "check_chunk_size",
+    "check_feature_width",
     "check_features_table_labels",
     "check_float_tensor",
     "check_labels",

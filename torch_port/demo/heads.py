@@ -12,6 +12,7 @@ from torch import nn
 
 from torch_port import CenterLoss
 from torch_port.functional import cross_entropy
+from torch_port.keyword_only import keyword_hyperparameters
 
 
 class SoftmaxHead(nn.Module):
@@ -36,7 +37,8 @@ class SoftmaxHead(nn.Module):
 class SoftmaxCenterHead(SoftmaxHead):
     """Softmax plus the center loss of Wen et al. (2016); the CenterLoss module moves its own centers."""
 
-    def __init__(self, num_classes: int, dim: int, alpha: float, loss_weight: float) -> None:
+    @keyword_hyperparameters
+    def __init__(self, num_classes: int, dim: int, *, alpha: float, loss_weight: float) -> None:
         super().__init__(num_classes, dim)
         self.center = CenterLoss(num_classes, dim, alpha=alpha, loss_weight=loss_weight)
 

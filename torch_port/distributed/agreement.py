@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from softmax_common.checks import check_positive_int
 from torch_port.engine import MarginConfig, check_inputs
-from torch_port.tensor_checks import check_labels
+from torch_port.tensor_checks import check_feature_width, check_labels
 
 # Angles at which a margin's target transform psi is evaluated to compare configurations across
 # ranks: a callable cannot be compared by identity between processes, its values can.
@@ -199,15 +199,18 @@ def _refuse_an_empty_global_batch(everyone: list[dict], world: int) -> None:
         )
 
 
-def check_local(x, W, y, config, num_classes, rank, world) -> tuple[int, int, torch.Tensor | None]:
+def check_local(x, W, y, config, num_classes, rank, world, *, owner=None) -> tuple[int, int, torch.Tensor | None]:
     """The single-rank checks: shapes, dtypes, the shard's size, labels in [0, C).
 
     A rank may hold no sample (x of shape (0, D), y of shape (0,)): its checks run on a one-row
     stand-in of the same dtype and device, since the engine's checks refuse an empty batch (the
-    exchange refuses a global batch that is empty on every rank).
+    exchange refuses a global batch that is empty on every rank). ``owner``: the name of the module
+    that owns W (``ShardedMarginHead``), so that x of another width is x's error, naming its dim.
     """
     if not isinstance(config, MarginConfig):
         raise TypeError(f"config must be a torch_port.engine.MarginConfig, got {type(config).__name__}")
+    if owner is not None:
+        check_feature_width(x, W, owner, "weight shard")
     num_classes = check_positive_int(num_classes, "num_classes")
     start, end = shard_range(num_classes, world, rank)
     empty = isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[0] == 0 and x.shape[1] > 0

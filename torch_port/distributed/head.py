@@ -12,6 +12,7 @@ from torch_port.distributed.collectives import rank_and_world
 from torch_port.distributed.loss import sharded_logits, sharded_loss
 from torch_port.engine import MarginConfig
 from torch_port.heads import MarginHead
+from torch_port.keyword_only import keyword_hyperparameters
 from torch_port.tensor_checks import check_chunk_size
 
 
@@ -58,6 +59,7 @@ class ShardedMarginHead(nn.Module):
         Workshops.
     """
 
+    @keyword_hyperparameters
     def __init__(
         self,
         num_classes: int,
@@ -143,13 +145,16 @@ class ShardedMarginHead(nn.Module):
             chunk_size=self.chunk_size,
             generator=self.generator,
             group=self.group,
+            owner=type(self).__name__,
         )
         self.last_kept_classes = kept
         return loss
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Margin-free logits (B_r, C) of this rank's samples, all classes (a collective)."""
-        return sharded_logits(x, self.weight, self.config, num_classes=self.num_classes, group=self.group)
+        return sharded_logits(
+            x, self.weight, self.config, num_classes=self.num_classes, group=self.group, owner=type(self).__name__
+        )
 
     # --- checkpoints ---
 

@@ -72,9 +72,22 @@ def sample_classes(y_all, start, end, sample_rate, generator, device) -> torch.T
 
 
 def sharded_loss(
-    x, W, y, config, *, num_classes, reduction, sample_rate, feature_grad_scale, chunk_size, generator, group
+    x,
+    W,
+    y,
+    config,
+    *,
+    num_classes,
+    reduction,
+    sample_rate,
+    feature_grad_scale,
+    chunk_size,
+    generator,
+    group,
+    owner=None,
 ):
-    """The loss and, when sampling, the global indices of the classes this rank kept (else None)."""
+    """The loss and, when sampling, the global indices of the classes this rank kept (else None).
+    ``owner``: the module that owns W, for the error of x of another width (see ``check_local``)."""
     rank, world = rank_and_world(group)
     local_error, metadata = None, {}
     try:
@@ -82,7 +95,7 @@ def sharded_loss(
         sample_rate = check_interval(sample_rate, "sample_rate", 0.0, 1.0, low_open=True)
         feature_grad_scale = check_positive(feature_grad_scale, "feature_grad_scale")
         chunk_size = check_chunk_size(chunk_size)
-        start, end, y = check_local(x, W, y, config, num_classes, rank, world)
+        start, end, y = check_local(x, W, y, config, num_classes, rank, world, owner=owner)
         dtype = compute_dtype(("x", x), ("W", W))
         metadata = {
             **common_metadata(x, W, num_classes, config),
@@ -221,7 +234,9 @@ def sharded_margin_cross_entropy(
     return loss
 
 
-def sharded_logits(x: torch.Tensor, W: torch.Tensor, config: MarginConfig, *, num_classes: int, group=None):
+def sharded_logits(
+    x: torch.Tensor, W: torch.Tensor, config: MarginConfig, *, num_classes: int, group=None, owner: str | None = None
+):
     r"""Margin-free logits (B_r, C) of this rank's samples over all classes, for inference.
 
     .. math:: z_{ij} = S_{ij} \cos\theta_{ij}, \qquad j = 0, \dots, C - 1
@@ -235,6 +250,8 @@ def sharded_logits(x: torch.Tensor, W: torch.Tensor, config: MarginConfig, *, nu
         W: this rank's shard of the class weights (see :func:`sharded_margin_cross_entropy`).
         config: the engine configuration; its target transform is ignored (no margin).
         num_classes: C. group: the process group (default: the world).
+        owner: the name of the module that owns W, if any (``ShardedMarginHead`` passes its own): then
+            x of another width than W is refused as x's error, naming that module's dim.
 
     Returns:
         (B_r, C) logits in the compute dtype, columns in global class order.
@@ -246,7 +263,7 @@ def sharded_logits(x: torch.Tensor, W: torch.Tensor, config: MarginConfig, *, nu
     rank, world = rank_and_world(group)
     local_error, metadata = None, {}
     try:
-        check_local(x, W, None, config, num_classes, rank, world)
+        check_local(x, W, None, config, num_classes, rank, world, owner=owner)
         dtype = compute_dtype(("x", x), ("W", W))
         metadata = common_metadata(x, W, num_classes, config)
     except Exception as err:  # whatever it is, every rank must hear of it (agreement.exchange_metadata)
