@@ -10,7 +10,12 @@ accuracy, mean intra-class angle, minimum angle between class centres and traini
 The losses are the package's own heads; which ones the demo trains, and with what settings, is the
 one table in :mod:`~torch_port.demo.settings` (:data:`DEMO_LOSSES`, with :data:`DEMO_SETTINGS` its
 view name -> settings). One module per concern: ``settings``, ``data``, ``heads``, ``model``,
-``metrics``, ``training``, ``figures``, ``report``, ``run`` (:func:`run_demo`) and ``cli``.
+``metrics``, ``training``, ``seeds`` (``--seeds`` and the mean and range over seeds), ``figures``,
+``report``, ``run`` (:func:`run_demo`) and ``cli``.
+
+With ``--seeds`` (e.g. ``0-4``) each seed is a whole run and the table gives, per loss and metric,
+the mean and range over the seeds: a single run's numbers are repeatable on one machine but vary
+with the CPU's kernels, and what holds across seeds is what holds on any machine.
 
 Needs the ``demo`` extra (scikit-learn, matplotlib, tqdm): ``pip install 'softmax-variants[demo]'``.
 Importing this package loads none of them; a run imports them when it starts.
@@ -19,12 +24,23 @@ Importing this package loads none of them; a run imports them when it starts.
 from torch_port.demo.cli import add_arguments, run_from_args
 from torch_port.demo.data import DemoData, load_digits, load_mnist_idx, read_idx
 from torch_port.demo.extras import require
-from torch_port.demo.figures import save_grid, save_loss_figure
+from torch_port.demo.figures import grid_figure, loss_figure, save_grid, save_loss_figure
 from torch_port.demo.heads import SoftmaxCenterHead, SoftmaxHead
 from torch_port.demo.metrics import Geometry, angle_degrees, class_geometry, unit_vectors
 from torch_port.demo.model import EmbeddingNet
-from torch_port.demo.report import TABLE_COLUMNS, markdown_table, training_note, write_csv
+from torch_port.demo.report import (
+    RUN_COLUMNS,
+    SUMMARY_COLUMNS,
+    TABLE_COLUMNS,
+    markdown_table,
+    summary_markdown_table,
+    training_note,
+    write_csv,
+    write_runs_csv,
+    write_summary_csv,
+)
 from torch_port.demo.run import DemoRun, run_demo
+from torch_port.demo.seeds import LossSummary, Spread, check_seeds, format_seeds, parse_seeds, summarize
 from torch_port.demo.settings import (
     BATCH_SIZE,
     DEFAULT_EPOCHS,
@@ -56,6 +72,8 @@ __all__ = [
     "LOSSES",
     "LOSS_TITLES",
     "NUM_THREADS",
+    "RUN_COLUMNS",
+    "SUMMARY_COLUMNS",
     "TABLE_COLUMNS",
     "WEIGHT_DECAY",
     "DemoData",
@@ -64,24 +82,35 @@ __all__ = [
     "EmbeddingNet",
     "Geometry",
     "LossResult",
+    "LossSummary",
     "SoftmaxCenterHead",
     "SoftmaxHead",
+    "Spread",
     "add_arguments",
     "angle_degrees",
     "build_head",
+    "check_seeds",
     "class_geometry",
     "describe_settings",
+    "format_seeds",
+    "grid_figure",
     "load_digits",
     "load_mnist_idx",
+    "loss_figure",
     "markdown_table",
+    "parse_seeds",
     "read_idx",
     "require",
     "run_demo",
     "run_from_args",
     "save_grid",
     "save_loss_figure",
+    "summarize",
+    "summary_markdown_table",
     "train_one",
     "training_note",
     "unit_vectors",
     "write_csv",
+    "write_runs_csv",
+    "write_summary_csv",
 ]

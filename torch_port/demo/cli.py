@@ -9,7 +9,17 @@ import argparse
 import time
 
 from torch_port.demo.run import run_demo
+from torch_port.demo.seeds import parse_seeds
 from torch_port.demo.settings import DEFAULT_EPOCHS, LOSSES
+
+
+def _seeds_argument(text: str) -> tuple[int, ...]:
+    """``--seeds``' type: :func:`parse_seeds`, its ValueError as argparse's message for the option."""
+    try:
+        return parse_seeds(text)
+    except ValueError as error:
+        # argparse already names the option ("argument --seeds: ..."): drop the message's own "seeds: "
+        raise argparse.ArgumentTypeError(str(error).removeprefix("seeds: ")) from error
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +34,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"default {DEFAULT_EPOCHS}")
     parser.add_argument("--dim", type=int, choices=(2, 3), default=2, help="embedding dimension (default 2)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds split, initialisation and batches (default 0)")
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument(
+        "--seed", type=int, default=None, help="one seed for split, initialisation and batches (default 0)"
+    )
+    seeds.add_argument(
+        "--seeds",
+        type=_seeds_argument,
+        default=None,
+        metavar="SEEDS",
+        help=(
+            "several seeds, e.g. 0-4 or 0,2,5: one whole run per seed; the table gives each metric's mean "
+            "and range (min-max) over them, runs.csv every run, and the figures show the first seed"
+        ),
+    )
     parser.add_argument(
         "--device",
         default="auto",
@@ -50,6 +73,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         dim=args.dim,
         seed=args.seed,
+        seeds=args.seeds,
         device=args.device,
         out=args.out,
         data=args.data,
