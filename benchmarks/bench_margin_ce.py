@@ -23,7 +23,7 @@ for what a margin loss can cost. They get x_s = s x/|x| and W_s = W/|W| (made on
 timed step), so that their logits x_s W_s^T = s cos(theta) are exactly the margin-free logits of the
 margin losses, with the same spread. Unscaled random inputs would make very different logits (std
 sqrt(D) for x and W of unit-variance entries) whose softmax is full of subnormal floats, which
-slowed the stock backward 18x-40x on an Intel Xeon (benchmarks/RESULTS.md, "Subnormal floats").
+made the stock step 18x-24x slower on an Intel Xeon (benchmarks/RESULTS.md, "Subnormal floats").
 Before timing a shape, ``verify_stock`` checks that each stock contestant's loss on those inputs
 is this project's plain softmax cross-entropy of them (and NormFace's of x and W).
 
@@ -78,10 +78,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+import torch_port
 from torch_port.chunked import chunk_size_for
 from torch_port.functional import arcface_loss, cross_entropy, normface_loss
 
@@ -394,9 +396,17 @@ def child_measure_pair(impl: str, batch: int, dim: int, num_classes: int, chunk_
     return {"floor": times["matmul floor"], "impl": times[name]}
 
 
+def child_pythonpath() -> str:
+    """PYTHONPATH for a child interpreter: the folder this process imported torch_port from first, so
+    that the child measures the same code (a script's sys.path starts at benchmarks/, where an
+    editable install or another checkout could otherwise supply a different torch_port)."""
+    here = str(Path(torch_port.__file__).resolve().parents[1])
+    return os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
 def _run_child(flag: str, impl: str, batch, dim, num_classes, chunk_size, *extra, env=None) -> str | None:
     command = [sys.executable, __file__, flag, impl, str(batch), str(dim), str(num_classes), str(chunk_size or 0)]
-    env = dict(os.environ, PYTHONWARNINGS="ignore", **(env or {}))
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=child_pythonpath(), **(env or {}))
     done = subprocess.run([*command, *map(str, extra)], capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         print(f"  {flag} child for {impl} failed:\n{done.stderr[-2000:]}", file=sys.stderr)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -43,6 +44,7 @@ from tests.dispatch_probe import OpProbe
 from tests.tolerances import Tol, assert_close
 
 BATCH, DIM, CLASSES, CHUNK = 6, 10, 300, 64  # 5 chunks, the last one partial
+ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = {
     "naive": ("arcface_loss", dict(s=bench.SCALE, m=bench.ARC_MARGIN)),
     "pml ArcFaceLoss": ("arcface_loss", dict(s=bench.SCALE, m=bench.ARC_MARGIN)),
@@ -189,7 +191,8 @@ def test_the_chunk_size_sweep_runs():
         capture_output=True,
         text=True,
         check=True,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=bench.child_pythonpath()),
     )
     line = done.stdout.strip().splitlines()[-1]
     assert line.startswith("B=8 D=16 C=600") and "naive" in line and "k=128" in line and "k=256" in line
@@ -369,7 +372,8 @@ def test_the_trap_script_runs():
         capture_output=True,
         text=True,
         check=True,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=bench.child_pythonpath()),
     )
     table = [line for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
     cases = {(line.split(" | ")[0][2:], line.split(" | ")[1]) for line in table}
