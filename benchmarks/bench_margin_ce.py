@@ -10,6 +10,22 @@ Compares, on the same x (B, D), W (C, D) and labels y, one forward + backward (g
   chunked         this project's engine, chunk_size=k (torch_port/chunked.py)
   chunked products only   the matrix products the chunked path does (x W_c^T in forward; x W_c^T
                   again but for the last chunk, G_c^T x, G_c W_c in backward) and nothing else
+  stock linear CE torch.nn.functional.linear_cross_entropy (torch >= 2.13), options=None: the
+                  unfused reference, F.linear then F.cross_entropy
+  stock chunked   the same with LinearCrossEntropyOptions(batch_chunk_size=32): the batch in blocks
+                  of 32 rows, each (32, C) block of logits computed once, the gradients computed
+                  in the forward pass
+  stock chunked auto   (only when named in --only) LinearCrossEntropyOptions(): torch's own choice
+                  of rows per block, 1 to 8 at the CPU grid's shapes
+
+The stock contestants compute plain linear cross-entropy, no normalisation and no margin: a floor
+for what a margin loss can cost. They get x_s = s x/|x| and W_s = W/|W| (made once, outside the
+timed step), so that their logits x_s W_s^T = s cos(theta) are exactly the margin-free logits of the
+margin losses, with the same spread. Unscaled random inputs would make very different logits (std
+sqrt(D) for x and W of unit-variance entries) whose softmax is full of subnormal floats, which
+made the stock step 18x-24x slower on an Intel Xeon (benchmarks/RESULTS.md, "Subnormal floats").
+Before timing a shape, ``verify_stock`` checks that each stock contestant's loss on those inputs
+is this project's plain softmax cross-entropy of them (and NormFace's of x and W).
 
 Time: one process, the implementations run round-robin (one run of each per round, so a slow
 moment of the machine hits all of them), median of ``--repeats`` rounds after one warm-up round;
@@ -39,6 +55,7 @@ Usage:
     python benchmarks/bench_margin_ce.py --from-json out.json --plot out.png   # redraw only
     python benchmarks/bench_margin_ce.py --from-json a.json b.json --plot out.png   # several runs
     python benchmarks/bench_margin_ce.py --shape 256 512 100000 --only chunked --chunk-size 2048 --no-memory
+    python benchmarks/bench_margin_ce.py --shape 256 512 100000 --only chunked "stock chunked auto" --no-memory
 
 CPU grid: B = 256, D in {128, 512}, C in {1e4, 3e4, 1e5}, float32. CUDA grid: bf16 inputs,
 D = 512, B in {1024, 4096}, C in {1e5, 3e5, 1e6}; TF32 matmuls are allowed on CUDA for every
@@ -61,12 +78,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+import torch_port
 from torch_port.chunked import chunk_size_for
-from torch_port.functional import arcface_loss
+from torch_port.functional import arcface_loss, cross_entropy, normface_loss
 
 SCALE, ARC_MARGIN, COS_MARGIN = 64.0, 0.5, 0.35
 CPU_GRID = [(256, d, c) for d in (128, 512) for c in (10_000, 30_000, 100_000)]
@@ -77,6 +96,12 @@ try:
     from pytorch_metric_learning import losses as pml_losses
 except ImportError:
     pml_losses = None
+
+# torch.nn.functional.linear_cross_entropy and its options came with torch 2.13; older torch: skipped.
+stock_linear_ce = getattr(F, "linear_cross_entropy", None)
+StockOptions = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+STOCK_ROWS = 32  # rows per block of the stock chunked contestant (the setting issue 14 measured)
+OPT_IN = {"stock chunked auto"}  # slow (1-8 rows per block here): timed only when named in --only
 
 
 # ---- the implementations: each builds, from (x, W, y), a step doing forward + backward -----------------
@@ -179,6 +204,92 @@ def pml_step(kind: str):
     return build
 
 
+def stock_inputs(x: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s x/|x|, W/|W|) in the inputs' dtype, so that x_s W_s^T = s cos(theta): the margin losses'
+    logits without the margin (normalised in float32 for half inputs, then rounded once)."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    x_s = SCALE * F.normalize(x.to(compute))
+    return x_s.to(x.dtype), F.normalize(W.to(compute)).to(W.dtype)
+
+
+def stock_options(kind: str):
+    """None (the reference path), or the options of the stock chunked contestants."""
+    if kind == "reference":
+        return None
+    return StockOptions(batch_chunk_size=STOCK_ROWS) if kind == "rows" else StockOptions()
+
+
+def stock_step(kind: str):
+    """torch's linear_cross_entropy on (x_s, W_s) of :func:`stock_inputs`; kind: "reference",
+    "rows" (STOCK_ROWS rows per block) or "auto" (torch's own choice)."""
+
+    def build(x, W, y):
+        x_s, W_s = (_leaf(t) for t in stock_inputs(x, W))
+        options = stock_options(kind)
+        return Step(lambda: stock_linear_ce(x_s, W_s, y, options=options).backward(), (x_s, W_s))
+
+    return build
+
+
+def stock_auto_rows(batch: int, dim: int, num_classes: int, dtype, device) -> int | None:
+    """The rows per block torch's default options pick for this shape, for the report only (read
+    through the options' internal resolution, so None when that is not available)."""
+    try:
+        adjusted = StockOptions()._adjust(batch, dim, num_classes, dtype, torch.device(device))
+        return int(adjusted.batch_chunk_size)
+    except Exception:  # a private method of torch: any change there only loses the label
+        return None
+
+
+# Relative tolerance of a stock contestant's loss against the float64 truth, by input dtype: float32
+# rounds each logit once (a few 1e-7 relative at |logit| <= 64); bfloat16 rounds x_s, W_s and, on the
+# reference path, the logits themselves (up to 0.125 at |logit| = 64).
+STOCK_RTOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+VERIFY_BLOCK_ENTRIES = 2**24  # float64 logits per block of rows in verify_stock: 128 MiB
+
+
+def verify_stock(x, W, y, names) -> dict[str, float]:
+    """Checks that the stock contestants compute this project's plain softmax cross-entropy.
+
+    The truth is the float64 cross-entropy of the logits x_s W_s^T of the stock contestants' own
+    inputs (:func:`stock_inputs`), computed two ways that must agree to 1e-10: this project's
+    ``torch_port.functional.cross_entropy`` and ``F.cross_entropy``; and it must be this project's
+    NormFace loss (s = SCALE, plain path) of the original x and W to within the rounding of x_s and
+    W_s. (All three a block of rows at a time: at most 128 MiB of float64 logits, whatever B and C.)
+    Then each stock contestant in ``names`` (forward only, the options it is timed with) must be
+    within STOCK_RTOL of it. Raises AssertionError naming the contestant otherwise; returns the
+    losses (the truth as "truth"; NaN for a contestant that ran out of memory).
+    """
+    x_s, W_s = stock_inputs(x, W)
+    rtol = STOCK_RTOL.get(x.dtype, 1e-4)
+    with torch.no_grad():
+        W64, W_s64 = W.double(), W_s.double()
+        rows = max(1, VERIFY_BLOCK_ENTRIES // W.shape[0])
+        truth = second = normface = 0.0
+        for first in range(0, x.shape[0], rows):
+            block, labels = slice(first, first + rows), y[first : first + rows]
+            logits = x_s[block].double() @ W_s64.T
+            truth += cross_entropy(logits, labels, reduction="sum").item()
+            second += F.cross_entropy(logits, labels, reduction="sum").item()
+            del logits
+            normface += normface_loss(x[block].double(), W64, labels, s=SCALE, reduction="sum").item()
+        del W64, W_s64
+        truth, second, normface = (value / x.shape[0] for value in (truth, second, normface))
+        assert abs(truth - second) <= 1e-10 * abs(truth), f"project CE {truth} != F.cross_entropy {second}"
+        assert abs(truth - normface) <= rtol * abs(truth), f"CE of x_s W_s^T {truth} != NormFace {normface}"
+        losses = {"truth": truth}
+        kinds = {"stock linear CE": "reference", "stock chunked": "rows", "stock chunked auto": "auto"}
+        for name in names:
+            try:
+                got = stock_linear_ce(x_s, W_s, y, options=stock_options(kinds[name.split(" (")[0]])).float().item()
+            except torch.OutOfMemoryError:
+                losses[name] = math.nan
+                continue
+            assert abs(got - truth) <= rtol * abs(truth) + 1e-6, f"{name}: loss {got}, truth {truth} (rtol {rtol})"
+            losses[name] = got
+    return losses
+
+
 def implementations(batch: int, num_classes: int, chunk_size: int | None, device) -> dict[str, Callable]:
     chunk = chunk_size or chunk_size_for(batch, num_classes, device)
     impls = {
@@ -191,6 +302,10 @@ def implementations(batch: int, num_classes: int, chunk_size: int | None, device
     impls["plain"] = lambda x, W, y: _loss_step(project_arcface(None), x, W, y)
     impls[f"chunked (k={chunk})"] = lambda x, W, y: _loss_step(project_arcface(chunk), x, W, y)
     impls[f"chunked products only (k={chunk})"] = chunked_products_step(chunk)
+    if stock_linear_ce is not None and StockOptions is not None:
+        impls["stock linear CE"] = stock_step("reference")
+        impls[f"stock chunked ({STOCK_ROWS} rows)"] = stock_step("rows")
+        impls["stock chunked auto"] = stock_step("auto")
     return impls
 
 
@@ -281,9 +396,17 @@ def child_measure_pair(impl: str, batch: int, dim: int, num_classes: int, chunk_
     return {"floor": times["matmul floor"], "impl": times[name]}
 
 
+def child_pythonpath() -> str:
+    """PYTHONPATH for a child interpreter: the folder this process imported torch_port from first, so
+    that the child measures the same code (a script's sys.path starts at benchmarks/, where an
+    editable install or another checkout could otherwise supply a different torch_port)."""
+    here = str(Path(torch_port.__file__).resolve().parents[1])
+    return os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
 def _run_child(flag: str, impl: str, batch, dim, num_classes, chunk_size, *extra, env=None) -> str | None:
     command = [sys.executable, __file__, flag, impl, str(batch), str(dim), str(num_classes), str(chunk_size or 0)]
-    env = dict(os.environ, PYTHONWARNINGS="ignore", **(env or {}))
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=child_pythonpath(), **(env or {}))
     done = subprocess.run([*command, *map(str, extra)], capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         print(f"  {flag} child for {impl} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
@@ -338,13 +461,25 @@ def run(grid, device, dtype, repeats, chunk_size, only=None, memory=True, alone=
         x, W, y = make_inputs(batch, dim, num_classes, device, dtype)
         steps = {}
         for name, build in implementations(batch, num_classes, chunk_size, device).items():
-            if only and name != "matmul floor" and name.split(" (")[0] not in only:
+            short = name.split(" (")[0]
+            if only and name != "matmul floor" and short not in only:
+                continue
+            if short in OPT_IN and not (only and short in only):
                 continue
             try:
                 steps[name] = build(x, W, y)
             except torch.OutOfMemoryError:
                 steps[name] = None
         runnable = {name: step for name, step in steps.items() if step is not None}
+        stock = [name for name in runnable if name.startswith("stock ")]
+        if stock:
+            checked = verify_stock(x, W, y, stock)
+            rows_auto = stock_auto_rows(batch, dim, num_classes, dtype, device)
+            print(
+                f"B={batch} D={dim} C={num_classes}: stock losses = the project's CE of x_s W_s^T "
+                f"({checked['truth']:.6f}); stock chunked auto: {rows_auto} rows per block",
+                flush=True,
+            )
         times = time_round_robin(runnable, device, repeats)
         unit = batch * num_classes * 4
         grads = (batch * dim + num_classes * dim) * x.element_size()
