@@ -14,7 +14,7 @@
 # a plot, with torch's linear_cross_entropy (reference and 32-row chunked paths, each checked
 # against the project's CE before it is timed) among the contestants, and torch's default
 # chunking ("stock chunked auto", opt-in) at one shape. Copy the JSON to benchmarks/runs/ and
-# report the ratios in RESULTS.md, "GPU". Time limits: 170 + 300 + 90 s, under the tool's 600.
+# report the ratios in RESULTS.md, "GPU". Time limits: 170 + 270 + 90 + 40 s, under the tool's 600.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -28,9 +28,12 @@ python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0)
 HYPOTHESIS_PROFILE=ci timeout 170 python3 -m pytest -q -p no:cacheprovider -rs -k cuda tests 2>&1 |
     tee "$OUT/tests.txt" | tail -15
 # 2. the CUDA grid of the benchmark (every default contestant, the stock ones included)
-timeout 300 python3 benchmarks/bench_margin_ce.py --repeats 5 --json "$OUT/gpu-run1.json" \
+timeout 270 python3 benchmarks/bench_margin_ce.py --repeats 5 --json "$OUT/gpu-run1.json" \
     --plot "$OUT/margin_ce_gpu.png" 2>&1 | tee "$OUT/bench.txt"
 # 3. torch's default chunking of linear_cross_entropy at the largest shape, against the chunked path
 timeout 90 python3 benchmarks/bench_margin_ce.py --shape 4096 512 1000000 --repeats 3 --no-memory \
     --only chunked "stock chunked" "stock chunked auto" --json "$OUT/gpu-stock-auto.json" 2>&1 |
     tee "$OUT/bench-stock-auto.txt"
+# 4. the class-sharded step on NCCL (one rank: the machine has one GPU), C = 1e6, D = 512, B = 256
+timeout 40 python3 benchmarks/sharded_scale.py --device cuda --world 1 --json "$OUT/sharded-nccl.json" 2>&1 |
+    tee "$OUT/sharded-nccl.txt"
