@@ -39,7 +39,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from softmax_common.checks import check_positive, check_positive_int
-from torch_port.geometry import NORM_EPS, MarginConfig, target_logits, unit_rows
+from torch_port.geometry import NORM_EPS, MarginConfig, row_norms, saturating_cast, target_logits, unit_rows, upcast
 from torch_port.tensor_checks import compute_dtype
 
 # The memory one chunk's (B, k) block may take, by device; the path works on two such blocks (the
@@ -132,26 +132,27 @@ def chunked_margin_cross_entropy(
     return lse - target
 
 
-def _norm_factors(norms: torch.Tensor, weight_norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """h(|W_j|) and h'(|W_j|) / |W_j| for every class, with h(n) = 1/max(n, eps), or n/max(n, eps)
-    when the config keeps the weight norm; the logit's column factor is c_j = s h(|W_j|).
+def _norm_factors(norms: torch.Tensor, weight_norm: bool):
+    """(h, first, second, divisors) per class: h(|W_j|), with h(n) = 1/max(n, eps), or n/max(n, eps)
+    when the config keeps the weight norm (the logit's column factor is c_j = s h); the slope
+    h'(|W_j|) = first * second (first None: 1), factors that a float holds for any finite norm
+    (-1/n^2 = h (-h): n^2 overflows past 1.8e19 in float32); the divisors of W_j/|W_j| (1 at W_j = 0).
 
     The logit of class j is c_j * (u_i . W_j): scaling the (B, k) products column by column is
     cheaper than normalising the (k, D) rows, and never materialises a normalised copy of W. The
-    derivative follows autograd's conventions on the plain path exactly: max(n, eps) passes the
-    gradient where n >= eps, and d|W_j|/dW_j = W_j/|W_j| is taken as 0 at W_j = 0.
+    backward's term dL/dc_j s h'(|W_j|) W_j/|W_j| multiplies dL/dc_j (of the size of |W_j|) by first,
+    by s second, then the unit row: no intermediate leaves the float range while the result is in it.
+    The derivative follows autograd's conventions on the plain path exactly: max(n, eps) passes the
+    gradient where n >= eps, and d|W_j|/dW_j is taken as 0 at W_j = 0.
     """
-    clamped = norms.clamp_min(NORM_EPS)
+    clamped, divisors = norms.clamp_min(NORM_EPS), torch.where(norms > 0, norms, 1.0)
     if weight_norm:
         # h(n) = n / max(n, eps): 1 above eps, so only the tiny-norm side has a slope, 1/eps.
-        h = norms / clamped
         below = (norms > 0) & (norms < NORM_EPS)
-        chain = torch.where(below, (1.0 / NORM_EPS) / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
-    else:
-        # h(n) = 1 / max(n, eps): slope -1/n^2 above eps, flat below (and at 0).
-        h = clamped.reciprocal_()
-        chain = h.pow(3).neg_().masked_fill_(norms < NORM_EPS, 0.0)
-    return h, chain
+        return norms / clamped, None, below.to(norms.dtype).mul_(1.0 / NORM_EPS), divisors
+    # h(n) = 1 / max(n, eps): slope -1/n^2 = h * (-h) above eps, flat below (and at 0).
+    h = clamped.reciprocal_()
+    return h, h, h.neg().masked_fill_(norms < NORM_EPS, 0.0), divisors
 
 
 class _Chunks:
@@ -196,8 +197,8 @@ def _feature_side(x, w_target, present, config: MarginConfig, scale):
     features entering the products, u_i = x_i / max(|x_i|, eps), times |x_i| when the config keeps
     the feature norm."""
     dtype = compute_dtype(("x", x), ("W", w_target))
-    x_hat, x_norm = unit_rows(x.to(dtype))
-    w_hat, w_norm = unit_rows(w_target.to(dtype))
+    x_hat, x_norm = unit_rows(upcast(x, dtype))
+    w_hat, w_norm = unit_rows(upcast(w_target, dtype))
     target = target_logits(x_hat, x_norm, w_hat, w_norm, dataclasses.replace(config, scale=scale), present)
     return target, _products_side(x_hat, x_norm, config)
 
@@ -278,7 +279,7 @@ def _normaliser(W, u, target, column, chunks: _Chunks, keep_last: bool):
     return peak, sums.mul_(maxima.sub_(peak).exp_()).sum(dim=0), kept
 
 
-def _backward_chunks(W, u, chunks: _Chunks, h, chain, peak, row_factor, scale, needs, kept, grad_u, target_grad):
+def _backward_chunks(W, u, chunks: _Chunks, factors, peak, row_factor, scale, needs, kept, grad_u, target_grad):
     """Over the chunks: du (before the row factor) added into ``grad_u``; returns dW and dL/ds
     (without the target logits' share of ds, which the caller adds).
 
@@ -298,11 +299,12 @@ def _backward_chunks(W, u, chunks: _Chunks, h, chain, peak, row_factor, scale, n
     twice, the two parts nearly cancelling where the target's probability is high).
     """
     need_u, need_W, need_scale = needs
+    h, first, second, divisors = factors
     batch, dtype = u.shape[0], u.dtype
     u_weighted = u * row_factor[:, None] if need_W else None
     neg_peak = peak.neg()[:, None]
     columns = h * scale  # the same roundings as the forward's factors
-    chain_scaled = chain * scale if need_W else None
+    second_scaled = second * scale if need_W else None
     grad_W = torch.empty_like(W) if need_W else None
     grad_scale = torch.zeros((), dtype=dtype, device=W.device)
     zero = u.new_zeros(())
@@ -320,9 +322,10 @@ def _backward_chunks(W, u, chunks: _Chunks, h, chain, peak, row_factor, scale, n
         if kept is None or index != last:
             torch.mm(u, rows.T, out=raw)
         # exp(logit - M) as in forward (see _normaliser): logit - M in one pass, -M + raw * c_j, since M
-        # is known here; rounded as forward's two steps were (or once, where the CPU fuses them)
+        # is known here; rounded as forward's two steps were, or once where the CPU fuses them: then
+        # it can exceed 0 by an ulp of the logit, so it is clamped (e^ulp is inf past 1e9 in float32)
         probs = torch.addcmul(neg_peak, raw, column, out=exp_blocks[index])
-        probs.mul_(LOG2E).exp2_()
+        probs.clamp_max_(0.0).mul_(LOG2E).exp2_()
         if chunks.targets[index] is not None:
             probs.index_put_(chunks.targets[index], zero)  # the targets' gradient flows through t instead
         if need_W or need_scale:
@@ -332,15 +335,19 @@ def _backward_chunks(W, u, chunks: _Chunks, h, chain, peak, row_factor, scale, n
                 grad_scale += torch.dot(grad_column, h[start:stop])
         probs.mul_(column)  # c_j E_ij: both products below want it
         if need_W:
-            # dW_j = c_j (G^T u)_j + (dL/dc_j) (dc_j/d|W_j|) W_j/|W_j|: the normalisation's chain rule.
+            # dW_j = c_j (G^T u)_j + (dL/dc_j) (dc_j/d|W_j|) W_j/|W_j|: the normalisation's chain rule,
+            # dc_j/d|W_j| = s h'(|W_j|) applied in two factors (see _norm_factors).
             into = grad_W[start:stop] if grad_W.dtype == dtype else None
             direct = torch.mm(probs.T, u_weighted, out=into)
-            direct.addcmul_(rows, grad_column.mul_(chain_scaled[start:stop]).unsqueeze_(1))
+            if first is not None:
+                grad_column.mul_(first[start:stop])
+            slope = grad_column.mul_(second_scaled[start:stop]).unsqueeze_(1)
+            direct.addcmul_(rows / divisors[start:stop, None], slope)
             if chunks.targets[index] is not None:
                 target_rows, target_columns = chunks.targets[index]
                 direct.index_add_(0, target_columns, target_grad[target_rows])
-            if into is None:
-                grad_W[start:stop] = direct
+            if into is None:  # a half-precision W: rounded once, with saturation (geometry.upcast)
+                grad_W[start:stop] = saturating_cast(direct, grad_W.dtype)
         if need_u:
             grad_u.addmm_(probs, rows)
     return grad_W, grad_scale
@@ -355,11 +362,12 @@ class _ChunkedLseAndTarget(torch.autograd.Function):
         dtype = compute_dtype(("x", x), ("W", W))
         present = y >= 0
         target, u = _targets_and_features(x, W, y, present, config, scale_value, dtype)
-        h, chain = _norm_factors(torch.linalg.vector_norm(W, dim=1, dtype=u.dtype), config.weight_norm)
+        # the norms by the scaled route (geometry.row_norms): any finite norm, subnormal rows too
+        factors = _norm_factors(row_norms(W, u.dtype), config.weight_norm)
         chunks = _Chunks(W.shape[0], y, chunk_size)
         keep_last = any(ctx.needs_input_grad[:3])
         competing = torch.where(present, target, -math.inf)  # an absent target takes no part
-        peak, others, kept = _normaliser(W, u, competing, scale_value * h, chunks, keep_last)
+        peak, others, kept = _normaliser(W, u, competing, scale_value * factors[0], chunks, keep_last)
         total = others + torch.exp(competing - peak)
         lse = peak + torch.log(total)
 
@@ -371,13 +379,14 @@ class _ChunkedLseAndTarget(torch.autograd.Function):
         # Besides those two blocks only inputs and (B,)/(C,) vectors are kept: the (B, D) feature
         # side is recomputed in backward.
         saved_scale = (scale,) if isinstance(scale, torch.Tensor) else ()
-        ctx.save_for_backward(x, W, y, h, chain, peak, total, others, *saved_scale)
+        ctx.save_for_backward(x, W, y, *factors, peak, total, others, *saved_scale)
         return lse, target
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_lse, grad_target):
-        x, W, y, h, chain, peak, total, others, *saved_scale = ctx.saved_tensors
+        x, W, y, *saved = ctx.saved_tensors
+        factors, (peak, total, others), saved_scale = saved[:4], saved[4:7], saved[7:]
         kept, ctx.kept = ctx.kept, None  # a second backward (retain_graph=True) recomputes that chunk
         scale = saved_scale[0] if saved_scale else ctx.float_scale
         scale_value = scale.detach() if saved_scale else scale
@@ -416,7 +425,7 @@ class _ChunkedLseAndTarget(torch.autograd.Function):
                     if need_scale:
                         scale_parts.append(next(found))
             grad_W, grad_scale = _backward_chunks(
-                W, u, ctx.chunks, h, chain, peak, row_factor, scale_value, needs, kept, grad_u, target_grad
+                W, u, ctx.chunks, factors, peak, row_factor, scale_value, needs, kept, grad_u, target_grad
             )
             del u, kept, target_grad  # freed before the graph below rebuilds it
             for part in scale_parts:

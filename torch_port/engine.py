@@ -48,6 +48,7 @@ from torch_port.geometry import (
     TargetFn,
     target_cos_and_angle,
     unit_rows,
+    upcast,
 )
 from torch_port.tensor_checks import check_chunk_size, check_features_table_labels, reduce_loss
 
@@ -178,4 +179,5 @@ __all__ = [
     "plain_logits",
     "target_cos_and_angle",
     "unit_rows",
+    "upcast",
 ]
