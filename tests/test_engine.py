@@ -26,6 +26,7 @@ import refimpl
 from refimpl.geometry import cosines, row_norms
 from tests.registry import RECORDS
 from tests.tolerances import Tol, assert_close
+from torch_port import geometry
 from torch_port.engine import ABSENT, MarginConfig, lse_and_target, margin_cross_entropy
 
 MARGIN_RECORDS = [record for record in RECORDS if record.config is not None]
@@ -164,7 +165,10 @@ class HostReads(TorchDispatchMode):
 def test_host_reads_per_step(monkeypatch, chunk_size, validate, reads):
     """Forward and backward read back from the device only what they must: the label range check
     (smallest and largest label in one transfer) when validating, and on the chunked path the
-    sizes of the label groups per chunk, once per step (the backward reuses them)."""
+    sizes of the label groups per chunk, once per step (the backward reuses them). Counted as on an
+    accelerator: on a CPU, where a read is free, the geometry also checks whether sqrt(sum v^2) is
+    right before it takes the scaled route for norms (tests/test_edges_norms.py)."""
+    monkeypatch.setattr(geometry, "host_reads_are_free", lambda t: False)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6, 5, generator=gen, requires_grad=True)
     W = torch.randn(10, 5, generator=gen, requires_grad=True)

@@ -39,7 +39,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from softmax_common.checks import check_positive, check_positive_int
-from torch_port.geometry import NORM_EPS, MarginConfig, row_norms, saturating_cast, target_logits, unit_rows, upcast
+from torch_port import geometry
+from torch_port.geometry import NORM_EPS, MarginConfig, row_norms, target_logits, unit_rows, upcast
 from torch_port.tensor_checks import compute_dtype
 
 # The memory one chunk's (B, k) block may take, by device; the path works on two such blocks (the
@@ -135,24 +136,24 @@ def chunked_margin_cross_entropy(
 def _norm_factors(norms: torch.Tensor, weight_norm: bool):
     """(h, first, second, divisors) per class: h(|W_j|), with h(n) = 1/max(n, eps), or n/max(n, eps)
     when the config keeps the weight norm (the logit's column factor is c_j = s h); the slope
-    h'(|W_j|) = first * second (first None: 1), factors that a float holds for any finite norm
-    (-1/n^2 = h (-h): n^2 overflows past 1.8e19 in float32); the divisors of W_j/|W_j| (1 at W_j = 0).
-
-    The logit of class j is c_j * (u_i . W_j): scaling the (B, k) products column by column is
-    cheaper than normalising the (k, D) rows, and never materialises a normalised copy of W. The
-    backward's term dL/dc_j s h'(|W_j|) W_j/|W_j| multiplies dL/dc_j (of the size of |W_j|) by first,
-    by s second, then the unit row: no intermediate leaves the float range while the result is in it.
-    The derivative follows autograd's conventions on the plain path exactly: max(n, eps) passes the
-    gradient where n >= eps, and d|W_j|/dW_j is taken as 0 at W_j = 0.
+    h'(|W_j|) = first * second (first None: 1), each factor in float range for any finite norm
+    (-1/n^2 = h (-h)); the divisors of W_j/|W_j| (1 at W_j = 0). The logit of class j is
+    c_j (u_i . W_j): scaling the (B, k) products column by column is cheaper than normalising the
+    (k, D) rows. The backward's term dL/dc_j s h'(|W_j|) W_j/|W_j| multiplies dL/dc_j (of the size
+    of |W_j|) by first, by s second, then the unit row, every step in range where the result is
+    (dividing the (k,) slopes by |W_j| instead overflows them where |x| / |W_j| is large). The
+    derivative follows autograd's
+    conventions on the plain path: max(n, eps) passes the gradient where n >= eps; d|W_j| = 0 at 0.
     """
     clamped, divisors = norms.clamp_min(NORM_EPS), torch.where(norms > 0, norms, 1.0)
     if weight_norm:
         # h(n) = n / max(n, eps): 1 above eps, so only the tiny-norm side has a slope, 1/eps.
         below = (norms > 0) & (norms < NORM_EPS)
-        return norms / clamped, None, below.to(norms.dtype).mul_(1.0 / NORM_EPS), divisors
-    # h(n) = 1 / max(n, eps): slope -1/n^2 = h * (-h) above eps, flat below (and at 0).
-    h = clamped.reciprocal_()
-    return h, h, h.neg().masked_fill_(norms < NORM_EPS, 0.0), divisors
+        h, first, second = norms / clamped, None, below.to(norms.dtype).mul_(1.0 / NORM_EPS)
+    else:  # h(n) = 1 / max(n, eps): slope -1/n^2 = h * (-h) above eps, flat below (and at 0).
+        h = first = clamped.reciprocal_()
+        second = h.neg().masked_fill_(norms < NORM_EPS, 0.0)
+    return h, first, second, divisors
 
 
 class _Chunks:
@@ -306,6 +307,7 @@ def _backward_chunks(W, u, chunks: _Chunks, factors, peak, row_factor, scale, ne
     columns = h * scale  # the same roundings as the forward's factors
     second_scaled = second * scale if need_W else None
     grad_W = torch.empty_like(W) if need_W else None
+    units = u.new_empty(min(chunks.chunk_size, chunks.num_classes), W.shape[1]) if need_W else None
     grad_scale = torch.zeros((), dtype=dtype, device=W.device)
     zero = u.new_zeros(())
     raw_buffer, exp_buffer = (chunks.buffer(u), chunks.buffer(u)) if kept is None else kept
@@ -321,9 +323,8 @@ def _backward_chunks(W, u, chunks: _Chunks, factors, peak, row_factor, scale, ne
         raw = raw_blocks[index]
         if kept is None or index != last:
             torch.mm(u, rows.T, out=raw)
-        # exp(logit - M) as in forward (see _normaliser): logit - M in one pass, -M + raw * c_j, since M
-        # is known here; rounded as forward's two steps were, or once where the CPU fuses them: then
-        # it can exceed 0 by an ulp of the logit, so it is clamped (e^ulp is inf past 1e9 in float32)
+        # exp(logit - M) as in forward (see _normaliser), -M + raw * c_j in one pass; where the CPU fuses
+        # it, it can pass 0 by an ulp of the logit: clamped (e^ulp is inf past 1e9 in float32)
         probs = torch.addcmul(neg_peak, raw, column, out=exp_blocks[index])
         probs.clamp_max_(0.0).mul_(LOG2E).exp2_()
         if chunks.targets[index] is not None:
@@ -342,12 +343,12 @@ def _backward_chunks(W, u, chunks: _Chunks, factors, peak, row_factor, scale, ne
             if first is not None:
                 grad_column.mul_(first[start:stop])
             slope = grad_column.mul_(second_scaled[start:stop]).unsqueeze_(1)
-            direct.addcmul_(rows / divisors[start:stop, None], slope)
+            direct.addcmul_(torch.div(rows, divisors[start:stop, None], out=units[: stop - start]), slope)
             if chunks.targets[index] is not None:
                 target_rows, target_columns = chunks.targets[index]
                 direct.index_add_(0, target_columns, target_grad[target_rows])
             if into is None:  # a half-precision W: rounded once, with saturation (geometry.upcast)
-                grad_W[start:stop] = saturating_cast(direct, grad_W.dtype)
+                grad_W[start:stop] = geometry.saturating_cast(direct, grad_W.dtype)
         if need_u:
             grad_u.addmm_(probs, rows)
     return grad_W, grad_scale
@@ -362,7 +363,6 @@ class _ChunkedLseAndTarget(torch.autograd.Function):
         dtype = compute_dtype(("x", x), ("W", W))
         present = y >= 0
         target, u = _targets_and_features(x, W, y, present, config, scale_value, dtype)
-        # the norms by the scaled route (geometry.row_norms): any finite norm, subnormal rows too
         factors = _norm_factors(row_norms(W, u.dtype), config.weight_norm)
         chunks = _Chunks(W.shape[0], y, chunk_size)
         keep_last = any(ctx.needs_input_grad[:3])

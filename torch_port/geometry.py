@@ -94,7 +94,13 @@ def plain_norms_suffice(norms: torch.Tensor) -> bool:
     passes are cheap and reading a flag back would stall the device, so the scaled route is always
     taken there. A zero row takes it too (its norm cannot be told from an underflowed one).
     """
-    return norms.device.type == "cpu" and bool(_in_plain_range(norms).all())
+    return host_reads_are_free(norms) and bool(_in_plain_range(norms).all())
+
+
+def host_reads_are_free(t: torch.Tensor) -> bool:
+    """Whether reading a value of ``t`` back to the host costs nothing (a CPU tensor); on an
+    accelerator it waits for the device, so the norm checks above are skipped there."""
+    return t.device.type == "cpu"
 
 
 def _in_plain_range(norms: torch.Tensor) -> torch.Tensor:
@@ -115,7 +121,7 @@ def row_norms(rows: torch.Tensor, dtype: torch.dtype, block_rows: int | None = N
     temporary as large as ``rows`` is made (the chunked path's W)."""
     with torch.no_grad():
         norms = torch.linalg.vector_norm(rows, dim=1, dtype=dtype)
-        if norms.device.type == "cpu":
+        if host_reads_are_free(norms):
             redo = torch.nonzero(~_in_plain_range(norms))[:, 0]
         else:
             redo = torch.arange(rows.shape[0], device=rows.device)
@@ -256,6 +262,7 @@ __all__ = [
     "Geometry",
     "MarginConfig",
     "TargetFn",
+    "host_reads_are_free",
     "logit_scale",
     "plain_norms_suffice",
     "row_norms",
