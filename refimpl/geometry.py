@@ -7,7 +7,11 @@ numerics policy, docs/design.md); we evaluate the same function by the half-angl
 
 because arccos loses half the digits near cos = +-1 (a cosine of 1 - 1e-16 is an angle of 1.5e-8,
 which arccos cannot resolve) and has infinite slope there. Both packages use this form, so they
-agree to rounding everywhere, including at the poles. See derivations/05-arcface-combined.md.
+agree to rounding everywhere, including at the poles. See derivations/05-arcface-combined.md. (It
+is arccos(cos) only for unit vectors; a row shorter than NORM_EPS takes arccos itself.)
+
+Norms are p |v / p| with p the row's largest entry (:func:`scaled_rows`), so that no square
+overflows or underflows, and have derivative 0 at a zero vector (:func:`length`), as in torch.
 """
 
 from __future__ import annotations
