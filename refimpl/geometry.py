@@ -10,8 +10,9 @@ which arccos cannot resolve) and has infinite slope there. Both packages use thi
 agree to rounding everywhere, including at the poles. See derivations/05-arcface-combined.md. (It
 is arccos(cos) only for unit vectors; a row shorter than NORM_EPS takes arccos itself.)
 
-Norms are p |v / p| with p the row's largest entry (:func:`scaled_rows`), so that no square
-overflows or underflows, and have derivative 0 at a zero vector (:func:`length`), as in torch.
+Norms are p |v / p| with p a power of two near the row's largest entry (:func:`scaled_rows`), so
+that no square overflows or underflows, and have derivative 0 at a zero vector (:func:`length`),
+as in torch.
 """
 
 from __future__ import annotations
@@ -41,16 +42,17 @@ def length(v):
 
 
 def scaled_rows(v):
-    """(v / p, p) with p the largest |v_ik| of each row (1 for a zero row), as a column.
+    """(v / p, p) with p the power of two at or below the largest |v_ik| of each row, as a column.
 
-    |v| = p |v / p|, and the entries of v / p lie in [-1, 1] with one of them +-1, so their squares
-    neither overflow (|v| up to float64's largest value, not just 1e154) nor underflow (subnormal
-    rows keep their digits). p is a constant to autograd (getval): the norm is homogeneous, so its
-    derivative is the same whatever p is.
+    |v| = p |v / p|, and the entries of v / p lie in (-2, 2) with one of them at least 1 in size, so
+    their squares neither overflow (|v| up to float64's largest value, not just 1e154) nor underflow
+    (subnormal rows keep their digits). Dividing by a power of two is exact, so for every other row
+    the result has the same bits as sqrt(sum v^2). p is a constant to autograd (getval): the norm is
+    homogeneous, so its derivative is the same whatever p is.
     """
     peak = np.max(np.abs(getval(v)), axis=-1, keepdims=True)
-    peak = np.where(peak > 0, peak, 1.0)
-    return v / peak, peak
+    power = np.ldexp(1.0, np.frexp(peak)[1] - 1)  # peak = f 2^e with f in [1/2, 1): p = 2^(e - 1)
+    return v / power, power
 
 
 def row_norms(v):

@@ -262,25 +262,26 @@ def test_row_norms_match_hypot_across_the_range(dtype, accelerator, monkeypatch)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_the_scaled_route_on_ordinary_rows(dtype, monkeypatch):
     """An accelerator takes the scaled route for every row (no flag is read back): on ordinary rows
-    it gives what sqrt(sum v^2) gives, to rounding, values and gradients, on both paths."""
+    it gives the bits sqrt(sum v^2) gives (it divides by powers of two), values and gradients, on
+    both paths; rows of every size from 1e-10 to 1e10 here."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 5, generator=gen, dtype=dtype, requires_grad=True)
-    W = torch.randn(9, 5, generator=gen, dtype=dtype, requires_grad=True)
+    x = torch.randn(6, 5, generator=gen, dtype=dtype) * 10.0 ** torch.linspace(-10, 10, 6, dtype=dtype)[:, None]
+    W = torch.randn(9, 5, generator=gen, dtype=dtype) * 10.0 ** torch.linspace(-10, 10, 9, dtype=dtype)[:, None]
+    x.requires_grad_(True)
+    W.requires_grad_(True)
     y = torch.tensor([0, 3, 8, 2, 2, 5])
     results = []
     for everywhere in (False, True):
         if everywhere:
             monkeypatch.setattr(geometry, "host_reads_are_free", lambda t: False)  # as on an accelerator
-        for chunk_size in (None, 4):
-            loss = tpf.arcface_loss(x, W, y, chunk_size=chunk_size) + tpf.sphereface_loss(
-                x, W, y, chunk_size=chunk_size
-            )
-            results.append([loss, *torch.autograd.grad(loss, (x, W))])
+        for name in ("arcface_loss", "sphereface_loss", "lsoftmax_loss"):
+            for chunk_size in (None, 4):
+                loss = getattr(tpf, name)(x, W, y, chunk_size=chunk_size)
+                results.append([loss, *torch.autograd.grad(loss, (x, W))])
     assert not geometry.plain_norms_suffice(torch.ones(3, dtype=dtype))  # the patch took
-    eps = torch.finfo(dtype).eps
-    for plain, scaled in zip(results[:2], results[2:]):
+    for plain, scaled in zip(results[:6], results[6:]):
         for a, b in zip(plain, scaled):
-            assert_close(b.detach().numpy(), a.detach().numpy(), Tol(rtol=64 * eps, atol=64 * eps), "scaled route")
+            assert torch.equal(a, b)
 
 
 def test_plain_norms_suffice_only_in_their_range():

@@ -15,9 +15,9 @@ logits computed from the rows W[y] alone (:func:`target_logits`). It imports not
 port.
 
 Numerics: normalisation divides by max(|v|, NORM_EPS), so a zero row is a zero unit vector (cosine
-0 with everything). Norms are formed from rows divided by their largest entry (:func:`unit_rows`),
-so |v|^2 is never formed: no overflow past sqrt(max float) (1.8e19 in float32) and no underflow of
-subnormal rows. Half-precision inputs enter through :func:`upcast`, whose gradient comes back in
+0 with everything). Where sqrt(sum v^2) would overflow (past 1.8e19 in float32) or lose digits
+(subnormal rows), norms are formed from rows divided by a power of two near their largest entry
+(:func:`unit_rows`, :func:`row_norms`). Half-precision inputs enter through :func:`upcast`, whose gradient comes back in
 the input's dtype rounded with saturation (a zero row's s/NORM_EPS does not fit float16). The
 target angle is theta = arccos(clip(cos, -1, 1)), computed by the half-angle form
 theta = 2 atan2(|x^ - w^|, |x^ + w^|) where both rows are unit: exact to rounding at the poles,
@@ -66,14 +66,16 @@ def unit_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     |v|^2 overflows past sqrt of the largest float (1.8e19 in float32, 1.3e154 in float64) and
     loses digits to underflow below sqrt(tiny / eps) (3e-16, 1.5e-146). Where a norm falls outside
-    that range (:func:`plain_norms_suffice`) the rows take the scaled route: with p_i = max_k
-    |v_ik| (at least the dtype's smallest normal number; a constant to autograd),
+    that range (:func:`plain_norms_suffice`) the rows take the scaled route: with p_i the power of
+    two at or below max_k |v_ik| (at least the dtype's smallest normal number; a constant to autograd),
 
     .. math:: \hat v_i = \frac{v_i / p_i}{\max(|v_i / p_i|,\ \varepsilon / p_i)}, \qquad
               |v_i| = p_i\,|v_i / p_i|
 
-    the same function, whose squares are of entries in [-1, 1]: right for every finite row (only
-    |v| itself overflows, past the largest float) and for subnormal rows. The norm is homogeneous,
+    the same function, whose squares are of entries in (-2, 2): right for every finite row (only
+    |v| itself overflows, past the largest float) and for subnormal rows. A power of two divides
+    exactly, so on rows in the range the route gives the bits of the plain one, values and
+    gradients (an accelerator takes it for every row). The norm is homogeneous,
     so holding p constant does not change the derivative: (I - v^ v^T)/|v| above eps, I/eps below
     it, and torch's 0 for |v| at a zero row.
     """
@@ -108,10 +110,22 @@ def _in_plain_range(norms: torch.Tensor) -> torch.Tensor:
     return (norms >= math.sqrt(info.tiny / info.eps)) & (norms < math.inf)
 
 
+# The exponent bits of each float dtype: x & mask is the power of two at or below |x| (0 for subnormals).
+_EXPONENT_BITS = {
+    torch.float64: (torch.int64, 0x7FF0000000000000),
+    torch.float32: (torch.int32, 0x7F800000),
+    torch.float16: (torch.int16, 0x7C00),
+    torch.bfloat16: (torch.int16, 0x7F80),
+}
+
+
 def row_peaks(rows: torch.Tensor) -> torch.Tensor:
-    """max_k |rows_ik| for each row (N, 1), at least the smallest normal number of rows' dtype (so
-    a zero row gets it too, and NORM_EPS / peak stays finite); no gradient."""
-    return rows.detach().abs().amax(dim=1, keepdim=True).clamp_min_(torch.finfo(rows.dtype).tiny)
+    """For each row (N, 1), the power of two at or below max_k |rows_ik|, at least the smallest
+    normal number of rows' dtype (so a zero row gets it too, and NORM_EPS / peak stays finite); no
+    gradient. (The exponent bits of the largest entry, the mantissa's cleared.)"""
+    peak = rows.detach().abs().amax(dim=1, keepdim=True)
+    integer, mask = _EXPONENT_BITS[rows.dtype]
+    return (peak.view(integer) & mask).view(rows.dtype).clamp_min_(torch.finfo(rows.dtype).tiny)
 
 
 def row_norms(rows: torch.Tensor, dtype: torch.dtype, block_rows: int | None = None) -> torch.Tensor:
