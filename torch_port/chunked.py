@@ -324,7 +324,7 @@ def _backward_chunks(W, u, chunks: _Chunks, factors, peak, row_factor, scale, ne
         if kept is None or index != last:
             torch.mm(u, rows.T, out=raw)
         # exp(logit - M) as in forward (see _normaliser), -M + raw * c_j in one pass; where the CPU fuses
-        # it, it can pass 0 by half an ulp of the logit: clamped (e^ulp is inf past 4e9 in float32)
+        # it, it can pass 0 by half an ulp of the logit: clamped (e^ulp is inf past 2e9 in float32)
         probs = torch.addcmul(neg_peak, raw, column, out=exp_blocks[index])
         probs.clamp_max_(0.0).mul_(LOG2E).exp2_()
         if chunks.targets[index] is not None:
