@@ -142,8 +142,8 @@ def _norm_factors(norms: torch.Tensor, weight_norm: bool):
     (k, D) rows. The backward's term dL/dc_j s h'(|W_j|) W_j/|W_j| multiplies dL/dc_j (of the size
     of |W_j|) by first, by s second, then the unit row, every step in range where the result is
     (dividing the (k,) slopes by |W_j| instead overflows them where |x| / |W_j| is large). The
-    derivative follows autograd's
-    conventions on the plain path: max(n, eps) passes the gradient where n >= eps; d|W_j| = 0 at 0.
+    derivative follows autograd's conventions on the plain path: max(n, eps) passes the gradient
+    where n >= eps, and d|W_j|/dW_j is taken as 0 at W_j = 0.
     """
     clamped, divisors = norms.clamp_min(NORM_EPS), torch.where(norms > 0, norms, 1.0)
     if weight_norm:
