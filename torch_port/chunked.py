@@ -40,7 +40,7 @@ from torch.autograd.function import once_differentiable
 
 from softmax_common.checks import check_positive, check_positive_int
 from torch_port import geometry
-from torch_port.geometry import NORM_EPS, MarginConfig, row_norms, target_logits, unit_rows, upcast
+from torch_port.geometry import MarginConfig, norm_factors, row_norms, target_logits, unit_rows, upcast
 from torch_port.tensor_checks import compute_dtype
 
 # The memory one chunk's (B, k) block may take, by device; the path works on two such blocks (the
@@ -133,27 +133,20 @@ def chunked_margin_cross_entropy(
     return lse - target
 
 
-def _norm_factors(norms: torch.Tensor, weight_norm: bool):
-    """(h, first, second, divisors) per class: h(|W_j|), with h(n) = 1/max(n, eps), or n/max(n, eps)
-    when the config keeps the weight norm (the logit's column factor is c_j = s h); the slope
-    h'(|W_j|) = first * second (first None: 1), each factor in float range for any finite norm
-    (-1/n^2 = h (-h)); the divisors of W_j/|W_j| (1 at W_j = 0). The logit of class j is
-    c_j (u_i . W_j): scaling the (B, k) products column by column is cheaper than normalising the
-    (k, D) rows. The backward's term dL/dc_j s h'(|W_j|) W_j/|W_j| multiplies dL/dc_j (of the size
-    of |W_j|) by first, by s second, then the unit row, every step in range where the result is
-    (dividing the (k,) slopes by |W_j| instead overflows them where |x| / |W_j| is large). The
-    derivative follows autograd's conventions on the plain path: max(n, eps) passes the gradient
-    where n >= eps, and d|W_j|/dW_j is taken as 0 at W_j = 0.
-    """
-    clamped, divisors = norms.clamp_min(NORM_EPS), torch.where(norms > 0, norms, 1.0)
-    if weight_norm:
-        # h(n) = n / max(n, eps): 1 above eps, so only the tiny-norm side has a slope, 1/eps.
-        below = (norms > 0) & (norms < NORM_EPS)
-        h, first, second = norms / clamped, None, below.to(norms.dtype).mul_(1.0 / NORM_EPS)
-    else:  # h(n) = 1 / max(n, eps): slope -1/n^2 = h * (-h) above eps, flat below (and at 0).
-        h = first = clamped.reciprocal_()
-        second = h.neg().masked_fill_(norms < NORM_EPS, 0.0)
-    return h, first, second, divisors
+def _slopes_over_norms(factors, row_factor, u, scale):
+    """The factors with the divisor folded into the slope, (h, None, h'(n) / n, None), where that is
+    safe: the chain term then scales the (k, D) rows by a (k,) vector instead of dividing them. Safe
+    where no intermediate leaves the float range: |dL/dc_j| <= R |W_j| with R = sum_i |r_i| |u_i|, so
+    the slopes stay below R |s| max |h'(n)|, and h'(n) / n = -1/n^3 stays normal for |W_j| up to
+    tiny^(-1/4). Checked on a CPU only (geometry.host_reads_are_free); elsewhere the unit rows."""
+    h, first, second, divisors = factors
+    slope = second if first is None else first * second
+    per_norm, limit, info = slope / divisors, torch.finfo(h.dtype).max / 16, torch.finfo(h.dtype)
+    if not geometry.host_reads_are_free(h):
+        return factors
+    reach = float((row_factor.abs() * torch.linalg.vector_norm(u, dim=1)).sum()) * abs(float(scale))
+    safe = reach * float(slope.abs().max()) < limit and abs(float(scale)) * float(per_norm.abs().max()) < limit
+    return (h, None, per_norm, None) if safe and float(divisors.max()) <= info.tiny**-0.25 else factors
 
 
 class _Chunks:
@@ -299,7 +292,7 @@ def _backward_chunks(W, u, chunks: _Chunks, factors, peak, row_factor, scale, ne
     (storing the chunk's part and adding the targets' part afterwards in the half dtype would round
     twice, the two parts nearly cancelling where the target's probability is high).
     """
-    need_u, need_W, need_scale = needs
+    need_u, need_W, need_scale, unbounded = needs
     h, first, second, divisors = factors
     batch, dtype = u.shape[0], u.dtype
     u_weighted = u * row_factor[:, None] if need_W else None
@@ -307,7 +300,7 @@ def _backward_chunks(W, u, chunks: _Chunks, factors, peak, row_factor, scale, ne
     columns = h * scale  # the same roundings as the forward's factors
     second_scaled = second * scale if need_W else None
     grad_W = torch.empty_like(W) if need_W else None
-    units = u.new_empty(min(chunks.chunk_size, chunks.num_classes), W.shape[1]) if need_W else None
+    units = u.new_empty(min(chunks.chunk_size, chunks.num_classes), W.shape[1]) if divisors is not None else None
     grad_scale = torch.zeros((), dtype=dtype, device=W.device)
     zero = u.new_zeros(())
     raw_buffer, exp_buffer = (chunks.buffer(u), chunks.buffer(u)) if kept is None else kept
@@ -324,9 +317,10 @@ def _backward_chunks(W, u, chunks: _Chunks, factors, peak, row_factor, scale, ne
         if kept is None or index != last:
             torch.mm(u, rows.T, out=raw)
         # exp(logit - M) as in forward (see _normaliser), -M + raw * c_j in one pass; where the CPU fuses
-        # it, it can pass 0 by half an ulp of the logit: clamped (e^ulp is inf past 2e9 in float32)
+        # it, it can pass 0 by half an ulp of the logit. Logits that grow with the norms (SphereFace,
+        # L-Softmax) are clamped there: e^(ulp/2) is inf past 2e9 in float32 (s cos theta is small).
         probs = torch.addcmul(neg_peak, raw, column, out=exp_blocks[index])
-        probs.clamp_max_(0.0).mul_(LOG2E).exp2_()
+        (probs.clamp_max_(0.0) if unbounded else probs).mul_(LOG2E).exp2_()
         if chunks.targets[index] is not None:
             probs.index_put_(chunks.targets[index], zero)  # the targets' gradient flows through t instead
         if need_W or need_scale:
@@ -337,13 +331,14 @@ def _backward_chunks(W, u, chunks: _Chunks, factors, peak, row_factor, scale, ne
         probs.mul_(column)  # c_j E_ij: both products below want it
         if need_W:
             # dW_j = c_j (G^T u)_j + (dL/dc_j) (dc_j/d|W_j|) W_j/|W_j|: the normalisation's chain rule,
-            # dc_j/d|W_j| = s h'(|W_j|) applied in two factors (see _norm_factors).
+            # dc_j/d|W_j| = s h'(|W_j|) applied in factors that stay in range (geometry.norm_factors).
             into = grad_W[start:stop] if grad_W.dtype == dtype else None
             direct = torch.mm(probs.T, u_weighted, out=into)
             if first is not None:
                 grad_column.mul_(first[start:stop])
             slope = grad_column.mul_(second_scaled[start:stop]).unsqueeze_(1)
-            direct.addcmul_(torch.div(rows, divisors[start:stop, None], out=units[: stop - start]), slope)
+            unit = rows if divisors is None else torch.div(rows, divisors[start:stop, None], out=units[: stop - start])
+            direct.addcmul_(unit, slope)
             if chunks.targets[index] is not None:
                 target_rows, target_columns = chunks.targets[index]
                 direct.index_add_(0, target_columns, target_grad[target_rows])
@@ -363,7 +358,7 @@ class _ChunkedLseAndTarget(torch.autograd.Function):
         dtype = compute_dtype(("x", x), ("W", W))
         present = y >= 0
         target, u = _targets_and_features(x, W, y, present, config, scale_value, dtype)
-        factors = _norm_factors(row_norms(W, u.dtype), config.weight_norm)
+        factors = norm_factors(row_norms(W, u.dtype), config.weight_norm)
         chunks = _Chunks(W.shape[0], y, chunk_size)
         keep_last = any(ctx.needs_input_grad[:3])
         competing = torch.where(present, target, -math.inf)  # an absent target takes no part
@@ -398,7 +393,7 @@ class _ChunkedLseAndTarget(torch.autograd.Function):
             g = grad_lse.to(peak.dtype)
             row_factor = g / total
             u = _products_side(*unit_rows(x.detach().to(peak.dtype)), config)
-            needs = (need_x, need_W, need_scale)
+            needs = (need_x, need_W, need_scale, config.feature_norm or config.weight_norm)
             # du accumulates in the storage dx will be returned in, when the dtypes agree: block by
             # block below, a block's rows of du are read (as the cotangent) before dx overwrites them.
             grad_u = torch.zeros_like(u) if need_x else None
@@ -424,6 +419,8 @@ class _ChunkedLseAndTarget(torch.autograd.Function):
                         target_grad[rows] = next(found)
                     if need_scale:
                         scale_parts.append(next(found))
+            if need_W:
+                factors = _slopes_over_norms(factors, row_factor, u, scale_value)
             grad_W, grad_scale = _backward_chunks(
                 W, u, ctx.chunks, factors, peak, row_factor, scale_value, needs, kept, grad_u, target_grad
             )

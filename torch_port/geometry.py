@@ -148,6 +148,25 @@ def row_norms(rows: torch.Tensor, dtype: torch.dtype, block_rows: int | None = N
     return norms
 
 
+def norm_factors(norms: torch.Tensor, weight_norm: bool):
+    """For paths that scale products u . W_j by a per-class factor instead of normalising W (the
+    chunked path): (h, first, second, divisors) per class, with h(|W_j|) = 1/max(n, eps), or
+    n/max(n, eps) when the config keeps the weight norm (the logit's factor is c_j = s h); the
+    slope h'(n) = first * second (first None: 1), as factors that each stay in the float range for
+    any finite norm (-1/n^2 = h (-h): n^2 overflows past 1.8e19 in float32); the divisors of the
+    unit rows W_j / |W_j| (1 at W_j = 0). The chain term dL/dc_j s h'(|W_j|) W_j / |W_j| multiplies
+    dL/dc_j (of the size of |W_j|) by first, by s second, then the unit row: every step stays in
+    range where the result is. The derivative follows autograd's conventions on the plain path:
+    max(n, eps) passes the gradient where n >= eps, and d|W_j|/dW_j is taken as 0 at W_j = 0."""
+    clamped, divisors = norms.clamp_min(NORM_EPS), torch.where(norms > 0, norms, 1.0)
+    if weight_norm:
+        # h(n) = n / max(n, eps): 1 above eps, so only the tiny-norm side has a slope, 1/eps.
+        below = (norms > 0) & (norms < NORM_EPS)
+        return norms / clamped, None, below.to(norms.dtype).mul_(1.0 / NORM_EPS), divisors
+    h = clamped.reciprocal_()  # h(n) = 1 / max(n, eps): slope -1/n^2 = h * (-h) above eps, flat below
+    return h, h, h.neg().masked_fill_(norms < NORM_EPS, 0.0), divisors
+
+
 def saturating_cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """t in ``dtype``, magnitudes beyond the dtype's largest finite value rounded to it instead of
     to inf (nan stays nan). The identity when t already has that dtype."""
@@ -278,6 +297,7 @@ __all__ = [
     "TargetFn",
     "host_reads_are_free",
     "logit_scale",
+    "norm_factors",
     "plain_norms_suffice",
     "row_norms",
     "row_peaks",
