@@ -163,11 +163,12 @@ def test_host_reads_per_sharded_step(sharded_runner):
     value checks on the device (what a GPU gets by default), the plain path reads once: the
     all-gathered batch sizes and metadata digests, which the padded all-gather of the rows needs.
     The chunked path adds its one read per pass that groups the labels by chunk; Partial FC's
-    sampling one for the number of positives (k of top-k). In eager code on the CPU ("auto") the
-    label range is read too, for an error with the values."""
+    sampling one for the number of positives (k of top-k). In eager code on the CPU ("auto") more
+    is read where a read costs nothing there: the label range, for an error with the values, and
+    whether rows' norms can take the plain route (torch_port.geometry.host_reads_are_free)."""
     per_rank = _scenario(sharded_runner, "host_reads_per_step")
     expected = {"plain": 1, "chunked": 2, "head": 1, "head-sampled": 2}
     for counts in per_rank:
         for call, reads in expected.items():
             assert counts[f"{call} (device)"] == reads, (call, counts)
-            assert counts[f"{call} (auto)"] == reads + 1, (call, counts)
+            assert counts[f"{call} (auto)"] > reads, (call, counts)

@@ -26,6 +26,7 @@ from refimpl.geometry import cosines, row_norms
 from tests.dispatch_probe import HostReads
 from tests.registry import RECORDS
 from tests.tolerances import Tol, assert_close
+from torch_port import geometry
 from torch_port.engine import ABSENT, MarginConfig, lse_and_target, margin_cross_entropy
 
 MARGIN_RECORDS = [record for record in RECORDS if record.config is not None]
@@ -136,10 +137,13 @@ def test_labels_are_checked():
 @pytest.mark.parametrize(
     ("chunk_size", "validate", "reads"), [(None, False, 0), (None, True, 1), (4, False, 1), (4, True, 2)]
 )
-def test_host_reads_per_step(chunk_size, validate, reads):
+def test_host_reads_per_step(monkeypatch, chunk_size, validate, reads):
     """Forward and backward read back from the device only what they must: the label range check
     (smallest and largest label in one transfer) when validating, and on the chunked path the
-    sizes of the label groups per chunk, once per step (the backward reuses them)."""
+    sizes of the label groups per chunk, once per step (the backward reuses them). Counted as on an
+    accelerator: on a CPU, where a read is free, the geometry also checks whether sqrt(sum v^2) is
+    right before it takes the scaled route for norms (tests/test_edges_norms.py)."""
+    monkeypatch.setattr(geometry, "host_reads_are_free", lambda t: False)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6, 5, generator=gen, requires_grad=True)
     W = torch.randn(10, 5, generator=gen, requires_grad=True)

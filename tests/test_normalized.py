@@ -442,15 +442,16 @@ PRECISIONS = [
     ("autocast-bfloat16", torch.float32, torch.bfloat16),
     ("autocast-float16", torch.float32, torch.float16),
     ("bfloat16-leaves-autocast", torch.bfloat16, torch.bfloat16),
+    ("float16-leaves", torch.float16, None),
 ]
 
 
 @pytest.mark.parametrize(("precision", "leaf_dtype", "autocast"), PRECISIONS, ids=[p[0] for p in PRECISIONS])
 @pytest.mark.parametrize("head_name", list(HEADS))
 def test_gradients_are_finite_at_the_poles_and_for_zero_features(head_name, precision, leaf_dtype, autocast):
-    """cos theta_y exactly 1 and -1 and a zero feature, in float32 and under autocast: a finite loss
-    and finite gradients for x, W and the learned scale. (Float16 *leaves* are the one exception, by
-    arithmetic: the gradient for a zero feature is ~s/1e-12, beyond float16's range; see 05.)"""
+    """cos theta_y exactly 1 and -1 and a zero feature, in float32, under autocast and with half
+    leaves: a finite loss and finite gradients for x, W and the learned scale. (A float16 leaf gets
+    the zero feature's ~s/1e-12 saturated at 65504: derivations/05-arcface-combined.md.)"""
     head = HEADS[head_name]()
     x, W, y = pole_and_zero_inputs(leaf_dtype)
     with torch.no_grad():
@@ -497,8 +498,9 @@ def test_pole_gradient_conventions(kind):
 
 
 def test_float16_inputs_with_a_zero_feature():
-    """Float16 leaves: the loss is still right (computed in float32) and W's gradient finite; only x's
-    gradient at the zero row is out of float16's range, as its float32 value (~s/1e-12) shows."""
+    """Float16 leaves: the loss is still right (computed in float32) and the gradients finite; x's
+    gradient at the zero row is out of float16's range, as its float32 value (~s/1e-12) shows, and
+    arrives saturated at 65504 (tests/test_edges_half_and_poles.py checks every margin loss)."""
     x, W, y = pole_and_zero_inputs(torch.float16)
     x32, W32 = x.float().requires_grad_(True), W.float().requires_grad_(True)
     x.requires_grad_(True)
@@ -508,8 +510,9 @@ def test_float16_inputs_with_a_zero_feature():
     assert loss16.dtype == torch.float32 and loss16.item() == loss32.item()
     loss16.backward()
     loss32.backward()
-    assert torch.isfinite(W.grad).all() and torch.isfinite(x32.grad).all()
+    assert torch.isfinite(W.grad).all() and torch.isfinite(x32.grad).all() and torch.isfinite(x.grad).all()
     assert x32.grad[2].abs().max() > torch.finfo(torch.float16).max  # why float16 leaves cannot hold it
+    assert x.grad[2].abs().max() == torch.finfo(torch.float16).max  # so it saturates
 
 
 # ---------------------------------------------------------------------------------------------

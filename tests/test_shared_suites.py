@@ -274,11 +274,22 @@ def _upstream_weight(sample: Sample, reduction) -> float:
     return float(abs(_weights(()))) * (batch if reduction == "sum" else 1)
 
 
+def _saturated(grad: np.ndarray, dtype: str) -> np.ndarray:
+    """The float64 gradient as an input of ``dtype`` receives it: the port rounds a gradient that
+    reaches a half-precision input to that dtype with saturation (torch_port.geometry.upcast), so a
+    magnitude past float16's 65504 (a zero row's ~s/NORM_EPS) comes back as +-65504, not inf."""
+    if dtype not in HALF:
+        return grad
+    limit = float(torch.finfo(TORCH_DTYPES[dtype]).max)
+    return np.clip(grad, -limit, limit)
+
+
 def _check_against_reference(record, sample: Sample, dtype: str, reduction, path: Path = PLAIN, runner=None) -> None:
     what = f"{record.name} [{dtype}, {path.name}] on {sample!r}"
     port = _start_port(record, sample, dtype, reduction, path=path, runner=runner)
     exact = sample.rounded_to(dtype)
     value, ref_grads, _, _ = _reference_value_and_grads(record, exact, reduction)
+    ref_grads = {name: _saturated(g, dtype) for name, g in ref_grads.items()}
     # float64 is held to the table on every path; in lower precision a path other than the plain
     # one is held to the plain path's own distance from the truth (tests/tolerances.py).
     against_plain = path is not PLAIN and dtype != "float64"
@@ -298,10 +309,6 @@ def _check_against_reference(record, sample: Sample, dtype: str, reduction, path
     else:
         assert_close(out.detach().double().numpy(), value, forward_tol, what)
     for name in grads:
-        if not np.isfinite(ref_grads[name]).all():
-            # A kink or cone point (cos = +-1, a zero vector): the reference has no derivative there,
-            # the port's convention is finite (checked above) and pinned down by the family's tests.
-            continue
         if against_plain:
             config = record.config(exact.kwargs)
             x, W = exact.tensors["x"], exact.tensors["W"]

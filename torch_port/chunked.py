@@ -39,8 +39,17 @@ import math
 
 import torch
 
+from torch_port import geometry
 from torch_port.chunk_budget import CHUNK_BUDGET_BYTES, MIN_CHUNK, chunk_size_for
-from torch_port.geometry import NORM_EPS, MarginConfig, plain_lse_and_target, target_logits, unit_rows
+from torch_port.geometry import (
+    MarginConfig,
+    norm_factors,
+    plain_lse_and_target,
+    row_norms,
+    target_logits,
+    unit_rows,
+    upcast,
+)
 from torch_port.tensor_checks import compute_dtype
 
 LOG2E = 1.0 / math.log(2.0)
@@ -95,26 +104,20 @@ def chunked_margin_cross_entropy(
     return lse - target
 
 
-def _norm_factors(norms: torch.Tensor, weight_norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """h(|W_j|) and h'(|W_j|) / |W_j| for every class, with h(n) = 1/max(n, eps), or n/max(n, eps)
-    when the config keeps the weight norm; the logit's column factor is c_j = s h(|W_j|).
-
-    The logit of class j is c_j * (u_i . W_j): scaling the (B, k) products column by column is
-    cheaper than normalising the (k, D) rows, and never materialises a normalised copy of W. The
-    derivative follows autograd's conventions on the plain path exactly: max(n, eps) passes the
-    gradient where n >= eps, and d|W_j|/dW_j = W_j/|W_j| is taken as 0 at W_j = 0.
-    """
-    clamped = norms.clamp_min(NORM_EPS)
-    if weight_norm:
-        # h(n) = n / max(n, eps): 1 above eps, so only the tiny-norm side has a slope, 1/eps.
-        h = norms / clamped
-        below = (norms > 0) & (norms < NORM_EPS)
-        chain = torch.where(below, (1.0 / NORM_EPS) / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
-    else:
-        # h(n) = 1 / max(n, eps): slope -1/n^2 above eps, flat below (and at 0).
-        h = clamped.reciprocal_()
-        chain = h.pow(3).neg_().masked_fill_(norms < NORM_EPS, 0.0)
-    return h, chain
+def _slopes_over_norms(factors, row_factor, u, scale):
+    """The factors with the divisor folded into the slope, (h, None, h'(n) / n, None), where that is
+    safe: the chain term then scales the (k, D) rows by a (k,) vector instead of dividing them. Safe
+    where no intermediate leaves the float range: |dL/dc_j| <= R |W_j| with R = sum_i |r_i| |u_i|, so
+    the slopes stay below R |s| max |h'(n)|, and h'(n) / n = -1/n^3 stays normal for |W_j| up to
+    tiny^(-1/4). Checked on a CPU only (geometry.host_reads_are_free); elsewhere the unit rows."""
+    h, first, second, divisors = factors
+    slope = second if first is None else first * second
+    per_norm, limit, info = slope / divisors, torch.finfo(h.dtype).max / 16, torch.finfo(h.dtype)
+    if not geometry.host_reads_are_free(h):
+        return factors
+    reach = float((row_factor.abs() * torch.linalg.vector_norm(u, dim=1)).sum()) * abs(float(scale))
+    safe = reach * float(slope.abs().max()) < limit and abs(float(scale)) * float(per_norm.abs().max()) < limit
+    return (h, None, per_norm, None) if safe and float(divisors.max()) <= info.tiny**-0.25 else factors
 
 
 class _Chunks:
@@ -159,8 +162,8 @@ def _feature_side(x, w_target, present, config: MarginConfig, scale):
     features entering the products, u_i = x_i / max(|x_i|, eps), times |x_i| when the config keeps
     the feature norm."""
     dtype = compute_dtype(("x", x), ("W", w_target))
-    x_hat, x_norm = unit_rows(x.to(dtype))
-    w_hat, w_norm = unit_rows(w_target.to(dtype))
+    x_hat, x_norm = unit_rows(upcast(x, dtype))
+    w_hat, w_norm = unit_rows(upcast(w_target, dtype))
     target = target_logits(x_hat, x_norm, w_hat, w_norm, dataclasses.replace(config, scale=scale), present)
     return target, _products_side(x_hat, x_norm, config)
 
@@ -241,7 +244,7 @@ def _normaliser(W, u, target, column, chunks: _Chunks, keep_last: bool):
     return peak, sums.mul_(maxima.sub_(peak).exp_()).sum(dim=0), kept
 
 
-def _backward_chunks(W, u, chunks: _Chunks, h, chain, peak, row_factor, scale, needs, kept, grad_u, target_grad):
+def _backward_chunks(W, u, chunks: _Chunks, factors, peak, row_factor, scale, needs, kept, grad_u, target_grad):
     """Over the chunks: du (before the row factor) added into ``grad_u``; returns dW and dL/ds
     (without the target logits' share of ds, which the caller adds).
 
@@ -260,13 +263,15 @@ def _backward_chunks(W, u, chunks: _Chunks, h, chain, peak, row_factor, scale, n
     (storing the chunk's part and adding the targets' part afterwards in the half dtype would round
     twice, the two parts nearly cancelling where the target's probability is high).
     """
-    need_u, need_W, need_scale = needs
+    need_u, need_W, need_scale, unbounded = needs
+    h, first, second, divisors = factors
     batch, dtype = u.shape[0], u.dtype
     u_weighted = u * row_factor[:, None] if need_W else None
     neg_peak = peak.neg()[:, None]
     columns = h * scale  # the same roundings as the forward's factors
-    chain_scaled = chain * scale if need_W else None
+    second_scaled = second * scale if need_W else None
     grad_W = torch.empty_like(W) if need_W else None
+    units = u.new_empty(min(chunks.chunk_size, chunks.num_classes), W.shape[1]) if divisors is not None else None
     grad_scale = torch.zeros((), dtype=dtype, device=W.device)
     zero = u.new_zeros(())
     raw_buffer, exp_buffer = (chunks.buffer(u), chunks.buffer(u)) if kept is None else kept
@@ -282,10 +287,11 @@ def _backward_chunks(W, u, chunks: _Chunks, h, chain, peak, row_factor, scale, n
         raw = raw_blocks[index]
         if kept is None or index != last:
             torch.mm(u, rows.T, out=raw)
-        # exp(logit - M) as in forward (see _normaliser): logit - M in one pass, -M + raw * c_j, since M
-        # is known here; rounded as forward's two steps were (or once, where the CPU fuses them)
+        # exp(logit - M) as in forward (see _normaliser), -M + raw * c_j in one pass; where the CPU fuses
+        # it, it can pass 0 by half an ulp of the logit. Logits that grow with the norms (SphereFace,
+        # L-Softmax) are clamped there: e^(ulp/2) is inf past 2e9 in float32 (s cos theta is small).
         probs = torch.addcmul(neg_peak, raw, column, out=exp_blocks[index])
-        probs.mul_(LOG2E).exp2_()
+        (probs.clamp_max_(0.0) if unbounded else probs).mul_(LOG2E).exp2_()
         if chunks.targets[index] is not None:
             probs.index_put_(chunks.targets[index], zero)  # the targets' gradient flows through t instead
         if need_W or need_scale:
@@ -295,15 +301,20 @@ def _backward_chunks(W, u, chunks: _Chunks, h, chain, peak, row_factor, scale, n
                 grad_scale += torch.dot(grad_column, h[start:stop])
         probs.mul_(column)  # c_j E_ij: both products below want it
         if need_W:
-            # dW_j = c_j (G^T u)_j + (dL/dc_j) (dc_j/d|W_j|) W_j/|W_j|: the normalisation's chain rule.
+            # dW_j = c_j (G^T u)_j + (dL/dc_j) (dc_j/d|W_j|) W_j/|W_j|: the normalisation's chain rule,
+            # dc_j/d|W_j| = s h'(|W_j|) applied in factors that stay in range (geometry.norm_factors).
             into = grad_W[start:stop] if grad_W.dtype == dtype else None
             direct = torch.mm(probs.T, u_weighted, out=into)
-            direct.addcmul_(rows, grad_column.mul_(chain_scaled[start:stop]).unsqueeze_(1))
+            if first is not None:
+                grad_column.mul_(first[start:stop])
+            slope = grad_column.mul_(second_scaled[start:stop]).unsqueeze_(1)
+            unit = rows if divisors is None else torch.div(rows, divisors[start:stop, None], out=units[: stop - start])
+            direct.addcmul_(unit, slope)
             if chunks.targets[index] is not None:
                 target_rows, target_columns = chunks.targets[index]
                 direct.index_add_(0, target_columns, target_grad[target_rows])
-            if into is None:
-                grad_W[start:stop] = direct
+            if into is None:  # a half-precision W: rounded once, with saturation (geometry.upcast)
+                grad_W[start:stop] = geometry.saturating_cast(direct, grad_W.dtype)
         if need_u:
             grad_u.addmm_(probs, rows)
     return grad_W, grad_scale
@@ -318,11 +329,11 @@ class _ChunkedLseAndTarget(torch.autograd.Function):
         dtype = compute_dtype(("x", x), ("W", W))
         present = y >= 0
         target, u = _targets_and_features(x, W, y, present, config, scale_value, dtype)
-        h, chain = _norm_factors(torch.linalg.vector_norm(W, dim=1, dtype=u.dtype), config.weight_norm)
+        factors = norm_factors(row_norms(W, u.dtype), config.weight_norm)
         chunks = _Chunks(W.shape[0], y, chunk_size)
         keep_last = any(ctx.needs_input_grad[:3])
         competing = torch.where(present, target, -math.inf)  # an absent target takes no part
-        peak, others, kept = _normaliser(W, u, competing, scale_value * h, chunks, keep_last)
+        peak, others, kept = _normaliser(W, u, competing, scale_value * factors[0], chunks, keep_last)
         total = others + torch.exp(competing - peak)
         lse = peak + torch.log(total)
 
@@ -334,7 +345,7 @@ class _ChunkedLseAndTarget(torch.autograd.Function):
         # Besides those two blocks only inputs and (B,)/(C,) vectors are kept: the (B, D) feature
         # side is recomputed in backward.
         saved_scale = (scale,) if isinstance(scale, torch.Tensor) else ()
-        ctx.save_for_backward(x, W, y, h, chain, peak, total, others, *saved_scale)
+        ctx.save_for_backward(x, W, y, *factors, peak, total, others, *saved_scale)
         return lse, target
 
     @staticmethod
@@ -355,7 +366,7 @@ def _differentiable_backward(ctx, grad_lse, grad_target):
     this step. The chunked path saves memory in ordinary training, not under a gradient penalty.
     """
     x, W, y = ctx.saved_tensors[:3]
-    saved_scale = ctx.saved_tensors[8:]
+    saved_scale = ctx.saved_tensors[-1:] if ctx.float_scale is None else ()  # a tensor scale is saved last
     ctx.kept = None
     config = dataclasses.replace(ctx.config, scale=saved_scale[0]) if saved_scale else ctx.config
     wanted = [(t, need) for t, need in zip((x, W, *saved_scale), ctx.needs_input_grad[:3])]
@@ -368,7 +379,8 @@ def _differentiable_backward(ctx, grad_lse, grad_target):
 
 
 def _chunked_backward(ctx, grad_lse, grad_target):
-    x, W, y, h, chain, peak, total, others, *saved_scale = ctx.saved_tensors
+    x, W, y, *saved = ctx.saved_tensors
+    factors, (peak, total, others), saved_scale = saved[:4], saved[4:7], saved[7:]
     kept, ctx.kept = ctx.kept, None  # a second backward (retain_graph=True) recomputes that chunk
     scale = saved_scale[0] if saved_scale else ctx.float_scale
     scale_value = scale.detach() if saved_scale else scale
@@ -380,7 +392,7 @@ def _chunked_backward(ctx, grad_lse, grad_target):
         g = grad_lse.to(peak.dtype)
         row_factor = g / total
         u = _products_side(*unit_rows(x.detach().to(peak.dtype)), config)
-        needs = (need_x, need_W, need_scale)
+        needs = (need_x, need_W, need_scale, config.feature_norm or config.weight_norm)
         # du accumulates in the storage dx will be returned in, when the dtypes agree: block by
         # block below, a block's rows of du are read (as the cotangent) before dx overwrites them.
         grad_u = torch.zeros_like(u) if need_x else None
@@ -406,8 +418,10 @@ def _chunked_backward(ctx, grad_lse, grad_target):
                     target_grad[rows] = next(found)
                 if need_scale:
                     scale_parts.append(next(found))
+        if need_W:
+            factors = _slopes_over_norms(factors, row_factor, u, scale_value)
         grad_W, grad_scale = _backward_chunks(
-            W, u, ctx.chunks, h, chain, peak, row_factor, scale_value, needs, kept, grad_u, target_grad
+            W, u, ctx.chunks, factors, peak, row_factor, scale_value, needs, kept, grad_u, target_grad
         )
         del u, kept, target_grad  # freed before the graph below rebuilds it
         for part in scale_parts:
@@ -420,7 +434,9 @@ def _chunked_backward(ctx, grad_lse, grad_target):
                 with torch.enable_grad():
                     x_leaf = x[rows].detach().requires_grad_()
                     target, u = _feature_side(x_leaf, W.detach()[rows_of[rows]], present[rows], config, scale_value)
-                (grad_x[rows],) = torch.autograd.grad((target, u), (x_leaf,), (target_cotangent[rows], grad_u[rows]))
+                (grad_x[rows],) = torch.autograd.grad(
+                    (target, u), (x_leaf,), (target_cotangent[rows], grad_u[rows])
+                )
         grad_scale = grad_scale.to(scale.dtype) if need_scale else None
     return grad_x, grad_W, grad_scale, None, None, None
 

@@ -49,6 +49,7 @@ from torch_port.geometry import (
     plain_lse_and_target,
     target_cos_and_angle,
     unit_rows,
+    upcast,
 )
 from torch_port.tensor_checks import check_chunk_size, check_features_table_labels, reduce_loss
 
@@ -165,4 +166,5 @@ __all__ = [
     "plain_logits",
     "target_cos_and_angle",
     "unit_rows",
+    "upcast",
 ]

@@ -45,7 +45,7 @@ from torch_port.distributed.collectives import (
     rank_and_world,
     sum_over_ranks,
 )
-from torch_port.engine import ABSENT, MarginConfig, lse_and_target, plain_logits
+from torch_port.engine import ABSENT, MarginConfig, lse_and_target, plain_logits, upcast
 from torch_port.tensor_checks import check_chunk_size, compute_dtype, reduce_loss
 
 
@@ -116,7 +116,8 @@ def sharded_loss(
     sizes = [meta["batch"] for meta in everyone]
 
     with torch.autocast(device_type=x.device.type, enabled=False):
-        x_all = gather_rows(x.to(dtype), sizes, group, feature_grad_scale)
+        # upcast: a gradient past float16's range reaches a float16 x saturated, not inf (geometry.upcast)
+        x_all = gather_rows(upcast(x, dtype), sizes, group, feature_grad_scale)
         y_all = all_gather_rows(y, sizes, group)
         owned = (y_all >= start) & (y_all < end)
         labels = torch.where(owned, y_all - start, ABSENT)
