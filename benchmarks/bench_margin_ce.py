@@ -356,7 +356,7 @@ def time_round_robin(steps: dict[str, Callable], device, repeats: int, seed: int
 # ---- memory -------------------------------------------------------------------------------------------
 
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith(field + ":"):
@@ -364,7 +364,7 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _release_freed_heap() -> None:
+def release_freed_heap() -> None:
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
@@ -378,12 +378,12 @@ def child_measure_memory(impl: str, batch: int, dim: int, num_classes: int, chun
     step = steps[next(name for name in steps if name.split(" (")[0] == impl)](x, W, y)
     step()  # warm-up: one-time allocations (thread pools, BLAS buffers) are not the loss's
     gc.collect()
-    _release_freed_heap()
+    release_freed_heap()
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")  # resets VmHWM (the peak RSS) to the current RSS
-    before = _status_kib("VmRSS")
+    before = status_kib("VmRSS")
     step()
-    return (_status_kib("VmHWM") - before) * 1024
+    return (status_kib("VmHWM") - before) * 1024
 
 
 def child_measure_pair(impl: str, batch: int, dim: int, num_classes: int, chunk_size, repeats: int) -> dict:

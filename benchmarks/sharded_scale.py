@@ -28,7 +28,6 @@ is that each rank's memory and traffic are those of its shard.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import gc
 import json
@@ -47,38 +46,24 @@ import torch.multiprocessing as mp
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+try:
+    from benchmarks import bench_margin_ce as bench  # imported (the tests)
+except ImportError:  # run as a script: benchmarks/ is on sys.path
+    import bench_margin_ce as bench
 from torch_port.distributed import shard_range, sharded_margin_cross_entropy  # noqa: E402
 from torch_port.engine import margin_cross_entropy  # noqa: E402
 from torch_port.normalized import arcface_config  # noqa: E402
-
-# As in benchmarks/bench_margin_ce.py: freed tensors leave RSS, so peak RSS follows live tensors.
-MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
-
-
-def status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def release_freed_heap() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def peak_of(step) -> int:
     """Peak RSS of one call of step() minus RSS just before it, in bytes."""
     gc.collect()
-    release_freed_heap()
+    bench.release_freed_heap()
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")  # resets VmHWM to the current RSS
-    before = status_kib("VmRSS")
+    before = bench.status_kib("VmRSS")
     step()
-    return (status_kib("VmHWM") - before) * 1024
+    return (bench.status_kib("VmHWM") - before) * 1024
 
 
 class TrafficCounter:
@@ -261,7 +246,7 @@ def main(argv=None) -> None:
     if args.device == "cuda" and args.world > torch.cuda.device_count():
         found = torch.cuda.device_count()
         parser.error(f"--world {args.world} needs as many GPUs (NCCL runs one rank per GPU); found {found}")
-    os.environ.update(MEMORY_ENV)  # inherited by the spawned ranks (and read by glibc at their start)
+    os.environ.update(bench.MEMORY_CHILD_ENV)  # inherited by the spawned ranks (and read by glibc at their start)
     out_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"sharded-scale-{os.getpid()}"
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"C={args.classes} D={args.dim} B={args.batch} R={args.world} chunk_size={args.chunk_size}", flush=True)
@@ -279,7 +264,7 @@ def main(argv=None) -> None:
         )
     single = None
     if not args.no_single and args.device == "cpu":
-        # The single-process step gets the machine's MEMORY_ENV only if this interpreter started with
+        # MEMORY_CHILD_ENV (glibc's fixed mmap threshold) holds only if an interpreter starts with
         # it: rerun this file as a child for that.
         single = json.loads(
             _child_single(args) if os.environ.get("SHARDED_SCALE_CHILD") is None else json.dumps(single_process(args))
@@ -303,7 +288,7 @@ def _child_single(args) -> str:
         "--single-only",
         json.dumps({k: getattr(args, k) for k in ("classes", "dim", "batch", "chunk_size", "steps")}),
     ]
-    env = dict(os.environ, **MEMORY_ENV, SHARDED_SCALE_CHILD="1")
+    env = dict(os.environ, **bench.MEMORY_CHILD_ENV, SHARDED_SCALE_CHILD="1")
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
     return done.stdout.strip().splitlines()[-1]
 
