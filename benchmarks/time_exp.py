@@ -3,7 +3,7 @@
     python benchmarks/time_exp.py            # B = 256, k = 512 and 1024, float32, 300 calls each
 
 Prints the median time per call of ``torch.exp(src, out=dst)`` and of ``torch.exp2(src, out=dst)``
-(the chunked path computes exp(z) as exp2(z log2(e)), torch_port/chunked.py, _normaliser), each
+(the chunked path computes exp(z) as exp2(z log2(e)), torch_port/chunk_loops.py, normaliser), each
 timed in rounds that alternate the two so that both see the same machine state.
 """
 
