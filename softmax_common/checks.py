@@ -145,3 +145,40 @@ def check_combined_margins(m1: object, m2: object, m3: object) -> tuple[float, f
     m2 = check_angular_margin(m2, "m2")
     m3 = check_nonnegative(m3, "m3")
     return m1, m2, m3
+
+
+# How a margin loss differentiates its target transform (the "Modern margins" contract).
+MARGIN_GRADS = ("exact", "detached")
+
+
+def check_margin_grad(margin_grad: object) -> str:
+    """``"exact"`` (the derivative of the margin logit, the default) or ``"detached"`` (the margin's
+    value with the gradient of the un-margined logit s cos theta_y, as insightface's arcface_torch)."""
+    if margin_grad not in MARGIN_GRADS:
+        raise ValueError(f"margin_grad must be one of {MARGIN_GRADS}, got {margin_grad!r}")
+    return margin_grad  # type: ignore[return-value]
+
+
+def check_ignore_index(ignore_index: object) -> int | None:
+    """The label of rows to skip: None (skip nothing) or a negative int (default -1, as insightface
+    and Partial FC mark samples to skip). Negative only, so it can never name a class: a class index
+    is in [0, C)."""
+    if ignore_index is None:
+        return None
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be None or a negative int, got {type(ignore_index).__name__}")
+    if ignore_index >= 0:
+        raise ValueError(f"ignore_index must be None or a negative int (class indices are >= 0), got {ignore_index}")
+    return int(ignore_index)
+
+
+def check_margin_extremes(smallest: object, largest: object, check, name: str) -> None:
+    """A vector of per-sample (or per-class) margins, held to the scalar margin's check ``check(value,
+    name)`` through its smallest and largest entries (every range here is an interval, so the two
+    ends decide; a nan among the entries makes them nan and is refused as such). The message names
+    ``name`` and says it is the vector's smallest or largest entry."""
+    for which, value in (("smallest", smallest), ("largest", largest)):
+        try:
+            check(value, name)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{err} (the {which} entry of the per-sample margins {name})") from None
