@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from softmax_common.checks import check_margin_multiplier, check_nonnegative
-from torch_port.engine import MarginConfig, margin_cross_entropy, margin_logits
+from torch_port.engine import ABSENT, MarginConfig, margin_cross_entropy, margin_logits
+from torch_port.margins import with_margin_grad
 from torch_port.tensor_checks import check_float_tensor, compute_dtype
 
 
@@ -149,7 +150,15 @@ def sphereface_config(m: int, lamb: float | torch.Tensor) -> MarginConfig:
     return MarginConfig(target=AnnealedMarginTarget(m, lamb), feature_norm=True)
 
 
-def lsoftmax_logits(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, m: int = 4, beta: float = 0.0) -> torch.Tensor:
+def lsoftmax_logits(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    y: torch.Tensor,
+    m: int = 4,
+    beta: float = 0.0,
+    margin_grad: str = "exact",
+    ignore_index: int | None = ABSENT,
+) -> torch.Tensor:
     r"""The (B, C) L-Softmax logits :math:`\|W_j\|\|x\|\cos\theta_j`, the target's with the margin.
 
     .. math:: f_y = \|W_y\|\|x\| \frac{\beta\cos\theta_y + \psi(\theta_y)}{1 + \beta}
@@ -157,11 +166,15 @@ def lsoftmax_logits(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, m: int = 
     Args:
         x: (B, D) features. W: (C, D) class weights (no bias). y: (B,) labels in [0, C).
         m: integer in [1, 16] (m = 1: the plain logits W x). beta: annealing weight >= 0 (0: full margin).
+        margin_grad: "exact" (default) or "detached" (the margin's value with the gradient of the
+            un-margined logit; torch_port/margins.py).
+        ignore_index: rows with this label (default -1; None: none) give no loss and no gradient
+            ("mean" averages over the others); the logits leave them margin-free.
 
     References:
         Liu et al., "Large-Margin Softmax Loss for Convolutional Neural Networks", ICML 2016.
     """
-    return margin_logits(x, W, y, lsoftmax_config(m, beta))
+    return margin_logits(x, W, y, with_margin_grad(lsoftmax_config(m, beta), margin_grad), ignore_index)
 
 
 def lsoftmax_loss(
@@ -172,6 +185,8 @@ def lsoftmax_loss(
     beta: float = 0.0,
     reduction: str = "mean",
     chunk_size: int | None = None,
+    margin_grad: str = "exact",
+    ignore_index: int | None = ABSENT,
 ) -> torch.Tensor:
     r"""L-Softmax: cross-entropy of :func:`lsoftmax_logits` (the shared margin engine, no new CE code).
 
@@ -186,6 +201,10 @@ def lsoftmax_loss(
         beta: annealing weight >= 0 (default 0.0, the full margin); see ``torch_port.MarginSchedule``.
         reduction: "mean" (over the batch), "sum" or "none".
         chunk_size: None for the plain path; an int for the engine's memory-efficient path.
+        margin_grad: "exact" (default) or "detached" (the margin's value with the gradient of the
+            un-margined logit; torch_port/margins.py).
+        ignore_index: rows with this label (default -1; None: none) give no loss and no gradient
+            ("mean" averages over the others); the logits leave them margin-free.
 
     Returns:
         The loss in float32 (float64 for float64 inputs).
@@ -196,18 +215,35 @@ def lsoftmax_loss(
     References:
         Liu, Wen, Yu, Yang, "Large-Margin Softmax Loss for Convolutional Neural Networks", ICML 2016.
     """
-    return margin_cross_entropy(x, W, y, lsoftmax_config(m, beta), reduction, chunk_size=chunk_size)
+    config = with_margin_grad(lsoftmax_config(m, beta), margin_grad)
+    return margin_cross_entropy(x, W, y, config, reduction, chunk_size, ignore_index)
 
 
-def sphereface_logits(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, m: int = 4, lamb: float = 0.0) -> torch.Tensor:
+def sphereface_logits(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    y: torch.Tensor,
+    m: int = 4,
+    lamb: float = 0.0,
+    margin_grad: str = "exact",
+    ignore_index: int | None = ABSENT,
+) -> torch.Tensor:
     r"""The (B, C) A-Softmax logits :math:`\|x\|\cos\theta_j` (W normalised), the target's with the margin.
 
     .. math:: f_y = \|x\| \frac{\lambda\cos\theta_y + \psi(\theta_y)}{1 + \lambda}
 
+    Args:
+        x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
+        m: integer in [1, 16]. lamb: annealing weight >= 0 (0: full margin).
+        margin_grad: "exact" (default) or "detached" (the margin's value with the gradient of the
+            un-margined logit; torch_port/margins.py).
+        ignore_index: rows with this label (default -1; None: none) give no loss and no gradient
+            ("mean" averages over the others); the logits leave them margin-free.
+
     References:
         Liu et al., "SphereFace: Deep Hypersphere Embedding for Face Recognition", CVPR 2017.
     """
-    return margin_logits(x, W, y, sphereface_config(m, lamb))
+    return margin_logits(x, W, y, with_margin_grad(sphereface_config(m, lamb), margin_grad), ignore_index)
 
 
 def sphereface_loss(
@@ -218,6 +254,8 @@ def sphereface_loss(
     lamb: float = 0.0,
     reduction: str = "mean",
     chunk_size: int | None = None,
+    margin_grad: str = "exact",
+    ignore_index: int | None = ABSENT,
 ) -> torch.Tensor:
     r"""A-Softmax (SphereFace): cross-entropy of :func:`sphereface_logits`.
 
@@ -231,6 +269,10 @@ def sphereface_loss(
         m: integer in [1, 16] (default 4). lamb: annealing weight lambda >= 0 (default 0.0, the full margin).
         reduction: "mean" (over the batch), "sum" or "none".
         chunk_size: None for the plain path; an int for the engine's memory-efficient path.
+        margin_grad: "exact" (default) or "detached" (the margin's value with the gradient of the
+            un-margined logit; torch_port/margins.py).
+        ignore_index: rows with this label (default -1; None: none) give no loss and no gradient
+            ("mean" averages over the others); the logits leave them margin-free.
 
     Returns:
         The loss in float32 (float64 for float64 inputs).
@@ -238,7 +280,8 @@ def sphereface_loss(
     References:
         Liu, Wen, Yu, Li, Raj, Song, "SphereFace: Deep Hypersphere Embedding for Face Recognition", CVPR 2017.
     """
-    return margin_cross_entropy(x, W, y, sphereface_config(m, lamb), reduction, chunk_size=chunk_size)
+    config = with_margin_grad(sphereface_config(m, lamb), margin_grad)
+    return margin_cross_entropy(x, W, y, config, reduction, chunk_size, ignore_index)
 
 
 __all__ = [

@@ -41,6 +41,7 @@ import torch
 
 from torch_port.chunk_budget import CHUNK_BUDGET_BYTES, MIN_CHUNK, chunk_size_for
 from torch_port.chunk_loops import Chunks, backward_chunks, normaliser, slopes_over_norms
+from torch_port.chunked_generic import checkpointed_lse_and_target, needs_generic_path
 from torch_port.geometry import (
     MarginConfig,
     norm_factors,
@@ -50,6 +51,7 @@ from torch_port.geometry import (
     unit_rows,
     upcast,
 )
+from torch_port.row_params import rows_of_config
 from torch_port.tensor_checks import compute_dtype
 
 # The bytes one (rows, D) float32 block of the feature side may take, by device (see _row_blocks).
@@ -91,6 +93,8 @@ def chunked_lse_and_target(
         (the chunked log-sum-exp with recomputation in the backward pass);
         Milakov & Gimelshein, "Online normalizer calculation for softmax", 2018.
     """
+    if needs_generic_path(config):
+        return checkpointed_lse_and_target(x, W, y, config, int(chunk_size))
     scale = 1.0 if config.scale is None else config.scale
     return _ChunkedLseAndTarget.apply(x, W, scale, y, config, int(chunk_size))
 
@@ -137,7 +141,8 @@ def _targets_and_features(x, W, y, present, config: MarginConfig, scale, dtype):
     target, u = x.new_empty(x.shape[0], dtype=dtype), x.new_empty(x.shape, dtype=dtype)
     rows_of = y.clamp_min(0)  # a row without a target reads class 0 and masks it out (target_logits)
     for rows in _row_blocks(x):
-        target[rows], u[rows] = _feature_side(x[rows], W[rows_of[rows]], present[rows], config, scale)
+        block = rows_of_config(config, rows)  # per-sample margins: this block's
+        target[rows], u[rows] = _feature_side(x[rows], W[rows_of[rows]], present[rows], block, scale)
     return target, u
 
 
@@ -232,7 +237,8 @@ def _chunked_backward(ctx, grad_lse, grad_target):
             for rows in _row_blocks(x):
                 with torch.enable_grad():
                     w_target = W.detach()[rows_of[rows]].to(peak.dtype).requires_grad_(need_W)
-                    target, _ = _feature_side(x[rows].detach(), w_target, present[rows], config, scale_leaf)
+                    block = rows_of_config(config, rows)
+                    target, _ = _feature_side(x[rows].detach(), w_target, present[rows], block, scale_leaf)
                 leaves = [leaf for leaf, need in ((w_target, need_W), (scale_leaf, need_scale)) if need]
                 found = iter(torch.autograd.grad(target, leaves, target_cotangent[rows]))
                 if need_W:
@@ -254,7 +260,8 @@ def _chunked_backward(ctx, grad_lse, grad_target):
             for rows in _row_blocks(x):
                 with torch.enable_grad():
                     x_leaf = x[rows].detach().requires_grad_()
-                    target, u = _feature_side(x_leaf, W.detach()[rows_of[rows]], present[rows], config, scale_value)
+                    w_target, block = W.detach()[rows_of[rows]], rows_of_config(config, rows)
+                    target, u = _feature_side(x_leaf, w_target, present[rows], block, scale_value)
                 (grad_x[rows],) = torch.autograd.grad(
                     (target, u), (x_leaf,), (target_cotangent[rows], grad_u[rows])
                 )

@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 import torch
 
-from softmax_common.checks import check_reduction
+from softmax_common.checks import check_ignore_index, check_reduction
 from torch_port.chunked import chunked_lse_and_target
 from torch_port.geometry import (
     NORM_EPS,
@@ -51,7 +51,8 @@ from torch_port.geometry import (
     unit_rows,
     upcast,
 )
-from torch_port.tensor_checks import check_chunk_size, check_features_table_labels, reduce_loss
+from torch_port.row_params import check_row_tensors
+from torch_port.tensor_checks import check_chunk_size, check_features_table_labels, check_labels, reduce_loss
 
 # The label that says "this row's target class is not among the classes given" (lse_and_target).
 ABSENT = -1
@@ -64,29 +65,62 @@ class LseAndTarget(NamedTuple):
     target: torch.Tensor
 
 
-def check_inputs(x, W, y=None, *, absent: bool = False):
-    """Validate features (B, D), weights (C, D) and optional labels (B,); returns labels as int64.
+def check_inputs(x, W, y=None, *, absent: bool = False, subcenters: int = 1, ignore_index: int | None = None):
+    """Validate features (B, D), weights (C k, D) and optional labels (B,); returns labels as int64.
 
-    absent: also accept the label -1 (the target is not among W's classes).
+    absent: also accept the label -1 (the target is not among W's classes). subcenters: k, W's rows
+    per class (W must have a multiple of k rows). ignore_index: a negative label also accepted, for
+    rows to skip (kept in the labels returned).
     """
-    return check_features_table_labels(x, W, y, "W", low=ABSENT if absent else 0)
+    check_features_table_labels(x, W, None, "W")
+    if W.shape[0] % subcenters:
+        raise ValueError(
+            f"W must have a multiple of k={subcenters} rows (k sub-centres per class), got {W.shape[0]} rows"
+        )
+    if y is None:
+        return None
+    low = ABSENT if absent else 0
+    return check_labels(y, x.shape[0], W.shape[0] // subcenters, low=low, same_device_as=("x", x), ignore=ignore_index)
+
+
+def check_config_rows(config: MarginConfig, x: torch.Tensor) -> None:
+    """Per-row tensors of the configuration (per-sample margins) must match x's batch and device."""
+    check_row_tensors(config, x.shape[0], x)
+
+
+def ignored_rows(y: torch.Tensor, ignore_index: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(labels for the primitive, kept): rows labelled ``ignore_index`` become ABSENT (-1: no target
+    term), and ``kept`` marks the others (None when nothing can be ignored)."""
+    if ignore_index is None:
+        return y, None
+    kept = y != ignore_index
+    return torch.where(kept, y, ABSENT), kept
 
 
 def plain_logits(x: torch.Tensor, W: torch.Tensor, config: MarginConfig) -> torch.Tensor:
     """Margin-free logits S_ij * cos theta_ij (B, C): what a head gives at inference."""
-    check_inputs(x, W)
+    check_inputs(x, W, subcenters=config.subcenters)
     with torch.autocast(device_type=x.device.type, enabled=False):
         return Geometry(x, W).logits(config)
 
 
-def margin_logits(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, config: MarginConfig) -> torch.Tensor:
-    """The (B, C) logits with the target's margin applied, as fed to cross-entropy."""
-    y = check_inputs(x, W, y)
+def margin_logits(
+    x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, config: MarginConfig, ignore_index: int | None = ABSENT
+) -> torch.Tensor:
+    """The (B, C) logits with the target's margin applied, as fed to cross-entropy; rows labelled
+    ``ignore_index`` get the margin-free logits."""
+    y = check_inputs(x, W, y, subcenters=config.subcenters, ignore_index=check_ignore_index(ignore_index))
+    check_config_rows(config, x)
+    labels, kept = ignored_rows(y, ignore_index)
     with torch.autocast(device_type=x.device.type, enabled=False):
         geo = Geometry(x, W)
         logits = geo.logits(config)
+        rows = labels.clamp_min(0)
+        target = geo.target_logits(rows, config, kept)
+        if kept is not None:
+            target = torch.where(kept, target, logits.gather(1, rows[:, None])[:, 0])
         # scatter, not in-place assignment: the replaced entry's gradient goes to the target path only.
-        return logits.scatter(1, y[:, None], geo.target_logits(y, config)[:, None])
+        return logits.scatter(1, rows[:, None], target[:, None])
 
 
 def lse_and_target(
@@ -125,7 +159,8 @@ def lse_and_target(
     """
     if validate:
         chunk_size = check_chunk_size(chunk_size)
-        y = check_inputs(x, W, y, absent=True)
+        y = check_inputs(x, W, y, absent=True, subcenters=config.subcenters)
+        check_config_rows(config, x)
     with torch.autocast(device_type=x.device.type, enabled=False):
         if chunk_size is not None:
             return LseAndTarget(*chunked_lse_and_target(x, W, y, config, chunk_size))
@@ -139,18 +174,28 @@ def margin_cross_entropy(
     config: MarginConfig,
     reduction: str = "mean",
     chunk_size: int | None = None,
+    ignore_index: int | None = ABSENT,
 ) -> torch.Tensor:
     """Cross-entropy of the margin logits, lse - t per row (:func:`lse_and_target`), reduced over the batch.
 
     chunk_size: None computes the (B, C) logits at once; an int walks the classes in chunks of that
     many and never keeps a (B, C) tensor (the memory-efficient path, torch_port/chunked.py; equal
     to the plain path to rounding; its second derivatives recompute through the plain path).
+    ignore_index: rows with this label (default -1, insightface's and Partial FC's mark; None: none)
+    give a loss of 0 and no gradient; "mean" averages over the other rows, and is 0 (with zero
+    gradients) when every row is ignored.
     """
     reduction = check_reduction(reduction)
     chunk_size = check_chunk_size(chunk_size)
-    y = check_inputs(x, W, y)
-    lse, target = lse_and_target(x, W, y, config, chunk_size, validate=False)
-    return reduce_loss(lse - target, reduction)
+    ignore_index = check_ignore_index(ignore_index)
+    y = check_inputs(x, W, y, subcenters=config.subcenters, ignore_index=ignore_index)
+    check_config_rows(config, x)
+    labels, kept = ignored_rows(y, ignore_index)
+    lse, target = lse_and_target(x, W, labels, config, chunk_size, validate=False)
+    per_sample = lse - target
+    if kept is not None:
+        per_sample = torch.where(kept, per_sample, 0.0)
+    return reduce_loss(per_sample, reduction, kept)
 
 
 __all__ = [
@@ -159,7 +204,9 @@ __all__ = [
     "LseAndTarget",
     "MarginConfig",
     "TargetFn",
+    "check_config_rows",
     "check_inputs",
+    "ignored_rows",
     "lse_and_target",
     "margin_cross_entropy",
     "margin_logits",

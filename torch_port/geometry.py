@@ -54,12 +54,22 @@ class MarginConfig:
     scale: the fixed scale s (a float, or a 0-d tensor such as a learnable scale); None means 1.
     feature_norm: multiply logits by |x_i| (SphereFace, L-Softmax).
     weight_norm: multiply logits by |W_j| (L-Softmax).
+    subcenters: k, the weight rows per class (Sub-center ArcFace): W has C k rows, rows j k .. j k +
+        k - 1 are class j's, and cos theta_ij is the largest cosine of x_i with them (the target's
+        angle is that of the arg-max row). 1: one row per class.
+
+    Two optional protocols of ``target`` (see :func:`target_logits`): a transform with
+    ``takes_norms = True`` is called as psi(cos_y, theta_y, |x|) with the features' norms (B,)
+    (AdaFace, MagFace); a transform that is a dataclass with (B,)-shaped tensor fields holds one
+    value per row (per-sample margins): every path restricts or gathers those fields with the rows
+    (torch_port/row_params.py).
     """
 
     target: TargetFn | None = None
     scale: float | torch.Tensor | None = None
     feature_norm: bool = False
     weight_norm: bool = False
+    subcenters: int = 1
 
 
 def unit_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,12 +271,33 @@ class Geometry:
         self.w_hat, self.w_norm = unit_rows(self.W)
 
     def logits(self, config: MarginConfig) -> torch.Tensor:
-        """The margin-free logits S_ij cos theta_ij, (B, C)."""
+        """The margin-free logits S_ij cos theta_ij, (B, C) (sub-centres pooled: C = rows / k)."""
+        if config.subcenters > 1:
+            return pooled_cosines(cosines(self.x_hat, self.w_hat), config.subcenters) * logit_scale(config, None, None)
         return cosines(self.x_hat, self.w_hat) * logit_scale(config, self.x_norm, self.w_norm.T)
 
     def target_logits(self, y: torch.Tensor, config: MarginConfig, present: torch.Tensor | None = None):
         """t_i for the labels y (B,) (any integer in [0, C) where ``present`` is False); see :func:`target_logits`."""
-        return target_logits(self.x_hat, self.x_norm, self.w_hat[y], self.w_norm[y], config, present)
+        rows = target_rows(self.x_hat, self.w_hat, y, config.subcenters)
+        return target_logits(self.x_hat, self.x_norm, self.w_hat[rows], self.w_norm[rows], config, present)
+
+
+def pooled_cosines(cos: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, C k) cosines of sub-centres -> (B, C), each class's largest: its gradient goes to the
+    arg-max row alone (``max``'s rule, not ``amax``'s even split of ties)."""
+    return cos.view(cos.shape[0], -1, k).max(dim=2).values
+
+
+def target_rows(x_hat: torch.Tensor, w_hat: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+    """The row of W holding each sample's target (B,), no gradient: y itself for one row per class;
+    with k sub-centres, y k + the arg-max of x_hat's cosines with class y's k unit rows (``w_hat``
+    (C k, D), already unit, or any rows with the same directions: only the arg-max is used)."""
+    if k == 1:
+        return y
+    with torch.no_grad():
+        own = w_hat.view(-1, k, w_hat.shape[1])[y]  # (B, k, D)
+        best = torch.linalg.vecdot(own, x_hat.detach()[:, None, :]).argmax(dim=1)
+    return y * k + best
 
 
 def logit_scale(config: MarginConfig, x_norm: torch.Tensor, w_norm: torch.Tensor) -> torch.Tensor | float:
@@ -312,7 +343,12 @@ def target_logits(
     if present is not None:
         cos_y = torch.where(present, cos_y, 0.0)
         theta_y = torch.where(present, theta_y, math.pi / 2)
-    psi = cos_y if config.target is None else config.target(cos_y, theta_y)
+    if config.target is None:
+        psi = cos_y
+    elif getattr(config.target, "takes_norms", False):
+        psi = config.target(cos_y, theta_y, x_norm[:, 0])
+    else:
+        psi = config.target(cos_y, theta_y)
     factor = logit_scale(config, x_norm, w_norm_y)
     if isinstance(factor, torch.Tensor) and factor.dim() == 2:
         factor = factor[:, 0]
@@ -353,11 +389,13 @@ __all__ = [
     "norm_factors",
     "plain_lse_and_target",
     "plain_norms_suffice",
+    "pooled_cosines",
     "row_norms",
     "row_peaks",
     "saturating_cast",
     "target_cos_and_angle",
     "target_logits",
+    "target_rows",
     "unit_rows",
     "upcast",
 ]

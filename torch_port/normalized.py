@@ -19,108 +19,29 @@ the last bit.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
-from softmax_common.checks import (
-    check_angular_margin,
-    check_combined_margins,
-    check_cosine_margin,
-    check_flag,
-    check_scale,
+from softmax_common.checks import check_ignore_index
+from softmax_common.closed_forms import cosface_min_scale, normface_lower_bound
+from torch_port.engine import ABSENT, check_inputs, margin_cross_entropy, margin_logits, plain_logits
+from torch_port.margins import (
+    ArcFaceTarget,
+    CombinedMarginTarget,
+    CosFaceTarget,
+    arcface_config,
+    combined_margin_config,
+    cosface_config,
+    normface_config,
 )
-from softmax_common.closed_forms import (
-    arcface_fallback_gap,
-    combined_margin_gap,
-    cosface_min_scale,
-    normface_lower_bound,
-)
-from torch_port.engine import MarginConfig, check_inputs, margin_cross_entropy, margin_logits, plain_logits
-from torch_port.tensor_checks import check_scale_tensor
-
-# ---------------------------------------------------------------------------------------------
-# Target transforms psi(cos_y, theta_y) and the configurations built from them
-# ---------------------------------------------------------------------------------------------
-
-
-# Each transform is a small frozen dataclass with ``__call__`` rather than a closure: a configuration,
-# and a ShardedMarginHead that stores one, can then be pickled and saved whole (torch.save), and two
-# transforms built from the same hyperparameters compare equal (so do their MarginConfigs).
-
-
-@dataclass(frozen=True)
-class CosFaceTarget:
-    """psi = cos theta - m (CosFace, AM-Softmax); smooth, so it uses the cosine, not the angle."""
-
-    m: float
-
-    def __call__(self, cos_y: torch.Tensor, theta_y: torch.Tensor) -> torch.Tensor:
-        return cos_y - self.m
-
-
-@dataclass(frozen=True)
-class ArcFaceTarget:
-    """psi = cos(theta + m) while theta + m <= pi, else cos theta - m sin m; or the easy margin
-    (cos(theta + m) where cos theta > 0, else cos theta)."""
-
-    m: float
-    easy_margin: bool
-
-    def __call__(self, cos_y: torch.Tensor, theta_y: torch.Tensor) -> torch.Tensor:
-        shifted = torch.cos(theta_y + self.m)
-        if self.easy_margin:
-            return torch.where(cos_y > 0, shifted, cos_y)
-        # The fallback uses the cosine (smooth at theta = pi) rather than cos(theta_y).
-        return torch.where(theta_y + self.m <= math.pi, shifted, cos_y - arcface_fallback_gap(self.m))
-
-
-@dataclass(frozen=True)
-class CombinedMarginTarget:
-    """psi = cos(m1 theta + m2) - m3 while m1 theta + m2 <= pi, else cos theta - m3 - c(m1, m2)."""
-
-    m1: float
-    m2: float
-    m3: float
-
-    def __call__(self, cos_y: torch.Tensor, theta_y: torch.Tensor) -> torch.Tensor:
-        angle = self.m1 * theta_y + self.m2
-        gap = combined_margin_gap(self.m1, self.m2)
-        return torch.where(angle <= math.pi, torch.cos(angle) - self.m3, (cos_y - self.m3) - gap)
-
-
-def normface_config(s) -> MarginConfig:
-    """NormFace: s cos theta for every class. ``s`` is a finite number > 0, or a floating-point 0-d
-    tensor (a learnable scale) held to the same rules, its value read once to check it
-    (:func:`torch_port.tensor_checks.check_scale_tensor`)."""
-    return MarginConfig(scale=check_scale_tensor(s) if isinstance(s, torch.Tensor) else check_scale(s))
-
-
-def cosface_config(s, m) -> MarginConfig:
-    """CosFace/AM-Softmax: target s (cos theta - m); m is a cosine margin, not an angle."""
-    s, m = check_scale(s), check_cosine_margin(m)
-    return MarginConfig(target=CosFaceTarget(m), scale=s)
-
-
-def arcface_config(s, m, easy_margin) -> MarginConfig:
-    """ArcFace: target s cos(theta + m), m in radians, with the fallback (or the easy margin)."""
-    s, m = check_scale(s), check_angular_margin(m)
-    return MarginConfig(target=ArcFaceTarget(m, check_flag(easy_margin, "easy_margin")), scale=s)
-
-
-def combined_margin_config(s, m1, m2, m3) -> MarginConfig:
-    """Combined margin: target s (cos(m1 theta + m2) - m3), m2 in radians, extended monotonically past pi."""
-    s = check_scale(s)
-    return MarginConfig(target=CombinedMarginTarget(*check_combined_margins(m1, m2, m3)), scale=s)
-
 
 # ---------------------------------------------------------------------------------------------
 # The functional API
 # ---------------------------------------------------------------------------------------------
 
 
-def normface_logits(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor | None = None, s: float = 16.0):
+def normface_logits(
+    x: torch.Tensor, W: torch.Tensor, y: torch.Tensor | None = None, s: float = 16.0, ignore_index: int | None = ABSENT
+):
     r"""NormFace logits: the scaled cosine between each feature and each class weight.
 
     .. math:: z_{ij} = s \cos\theta_{ij}
@@ -138,7 +59,7 @@ def normface_logits(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor | None = N
     """
     config = normface_config(s)
     if y is not None:
-        check_inputs(x, W, y)
+        check_inputs(x, W, y, ignore_index=check_ignore_index(ignore_index))
     return plain_logits(x, W, config)
 
 
@@ -149,6 +70,7 @@ def normface_loss(
     s: float = 16.0,
     reduction: str = "mean",
     chunk_size: int | None = None,
+    ignore_index: int | None = ABSENT,
 ) -> torch.Tensor:
     r"""NormFace: cross-entropy of scaled cosines of unit features and unit weights (no bias).
 
@@ -163,6 +85,7 @@ def normface_loss(
             that read.
         reduction: "mean", "sum" or "none".
         chunk_size: None, or the number of classes per chunk on the memory-efficient path.
+        ignore_index: rows with this label (default -1; None: none) give no loss and no gradient.
 
     Returns:
         The loss in float32 (float64 for float64 inputs).
@@ -170,10 +93,18 @@ def normface_loss(
     References:
         Wang, Xiang, Cheng, Yuille, "NormFace: L2 Hypersphere Embedding for Face Verification", 2017.
     """
-    return margin_cross_entropy(x, W, y, normface_config(s), reduction, chunk_size=chunk_size)
+    return margin_cross_entropy(x, W, y, normface_config(s), reduction, chunk_size, ignore_index)
 
 
-def cosface_logits(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, s: float = 64.0, m: float = 0.35):
+def cosface_logits(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    y: torch.Tensor,
+    s: float = 64.0,
+    m: float = 0.35,
+    margin_grad: str = "exact",
+    ignore_index: int | None = ABSENT,
+):
     r"""CosFace logits: the target's cosine lowered by m (a cosine margin, not an angle), every cosine scaled by s.
 
     .. math:: z_{i y_i} = s (\cos\theta_{i y_i} - m), \qquad z_{ij} = s \cos\theta_{ij} \ (j \ne y_i)
@@ -181,6 +112,11 @@ def cosface_logits(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, s: float =
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
         s: scale in (0, 1e4]. m: cosine margin >= 0.
+        margin_grad: "exact" (default) or "detached" (the margin's value with the gradient of
+            s cos theta_y, insightface's convention: torch_port/margins.py).
+        ignore_index: rows with this label (default -1; None: none) give no loss and no gradient
+            ("mean" averages over the other rows; 0 when all are ignored); *_logits leave them margin-free.
+        m (and m1, m2, m3): a number, or a (B,) tensor of per-sample margins (constants, not learned).
 
     Returns:
         (B, C) logits in float32 (float64 for float64 inputs).
@@ -188,7 +124,7 @@ def cosface_logits(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, s: float =
     References:
         Wang et al., "CosFace: Large Margin Cosine Loss for Deep Face Recognition", CVPR 2018.
     """
-    return margin_logits(x, W, y, cosface_config(s, m))
+    return margin_logits(x, W, y, cosface_config(s, m, margin_grad), ignore_index)
 
 
 def cosface_loss(
@@ -199,6 +135,8 @@ def cosface_loss(
     m: float = 0.35,
     reduction: str = "mean",
     chunk_size: int | None = None,
+    margin_grad: str = "exact",
+    ignore_index: int | None = ABSENT,
 ) -> torch.Tensor:
     r"""CosFace, the large margin cosine loss.
 
@@ -213,6 +151,11 @@ def cosface_loss(
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
         s: scale in (0, 1e4] (default 64). m: cosine margin >= 0 (default 0.35).
         reduction: "mean", "sum" or "none". chunk_size: None or classes per chunk.
+        margin_grad: "exact" (default) or "detached" (the margin's value with the gradient of
+            s cos theta_y, insightface's convention: torch_port/margins.py).
+        ignore_index: rows with this label (default -1; None: none) give no loss and no gradient
+            ("mean" averages over the other rows; 0 when all are ignored); *_logits leave them margin-free.
+        m (and m1, m2, m3): a number, or a (B,) tensor of per-sample margins (constants, not learned).
 
     Returns:
         The loss in float32 (float64 for float64 inputs): per sample for "none", else reduced.
@@ -220,10 +163,18 @@ def cosface_loss(
     References:
         Wang et al., "CosFace: Large Margin Cosine Loss for Deep Face Recognition", CVPR 2018.
     """
-    return margin_cross_entropy(x, W, y, cosface_config(s, m), reduction, chunk_size=chunk_size)
+    return margin_cross_entropy(x, W, y, cosface_config(s, m, margin_grad), reduction, chunk_size, ignore_index)
 
 
-def am_softmax_logits(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, s: float = 30.0, m: float = 0.35):
+def am_softmax_logits(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    y: torch.Tensor,
+    s: float = 30.0,
+    m: float = 0.35,
+    margin_grad: str = "exact",
+    ignore_index: int | None = ABSENT,
+):
     r"""AM-Softmax logits: CosFace's formula with AM-Softmax's default s = 30 (m a cosine margin, not an angle).
 
     .. math:: z_{i y_i} = s (\cos\theta_{i y_i} - m), \qquad z_{ij} = s \cos\theta_{ij} \ (j \ne y_i)
@@ -231,6 +182,11 @@ def am_softmax_logits(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, s: floa
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
         s: scale in (0, 1e4]. m: cosine margin >= 0.
+        margin_grad: "exact" (default) or "detached" (the margin's value with the gradient of
+            s cos theta_y, insightface's convention: torch_port/margins.py).
+        ignore_index: rows with this label (default -1; None: none) give no loss and no gradient
+            ("mean" averages over the other rows; 0 when all are ignored); *_logits leave them margin-free.
+        m (and m1, m2, m3): a number, or a (B,) tensor of per-sample margins (constants, not learned).
 
     Returns:
         (B, C) logits in float32 (float64 for float64 inputs).
@@ -238,7 +194,7 @@ def am_softmax_logits(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, s: floa
     References:
         Wang, Cheng, Liu, Liu, "Additive Margin Softmax for Face Verification", IEEE SPL 2018.
     """
-    return cosface_logits(x, W, y, s, m)
+    return cosface_logits(x, W, y, s, m, margin_grad, ignore_index)
 
 
 def am_softmax_loss(
@@ -249,6 +205,8 @@ def am_softmax_loss(
     m: float = 0.35,
     reduction: str = "mean",
     chunk_size: int | None = None,
+    margin_grad: str = "exact",
+    ignore_index: int | None = ABSENT,
 ) -> torch.Tensor:
     r"""AM-Softmax: the additive cosine margin loss (CosFace's formula, default s = 30).
 
@@ -263,6 +221,11 @@ def am_softmax_loss(
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
         s: scale in (0, 1e4] (default 30). m: cosine margin >= 0 (default 0.35).
         reduction: "mean", "sum" or "none". chunk_size: None or classes per chunk.
+        margin_grad: "exact" (default) or "detached" (the margin's value with the gradient of
+            s cos theta_y, insightface's convention: torch_port/margins.py).
+        ignore_index: rows with this label (default -1; None: none) give no loss and no gradient
+            ("mean" averages over the other rows; 0 when all are ignored); *_logits leave them margin-free.
+        m (and m1, m2, m3): a number, or a (B,) tensor of per-sample margins (constants, not learned).
 
     Returns:
         The loss in float32 (float64 for float64 inputs): per sample for "none", else reduced.
@@ -270,7 +233,7 @@ def am_softmax_loss(
     References:
         Wang, Cheng, Liu, Liu, "Additive Margin Softmax for Face Verification", IEEE SPL 2018.
     """
-    return cosface_loss(x, W, y, s, m, reduction, chunk_size)
+    return cosface_loss(x, W, y, s, m, reduction, chunk_size, margin_grad, ignore_index)
 
 
 def arcface_logits(
@@ -280,6 +243,8 @@ def arcface_logits(
     s: float = 64.0,
     m: float = 0.5,
     easy_margin: bool = False,
+    margin_grad: str = "exact",
+    ignore_index: int | None = ABSENT,
 ):
     r"""ArcFace logits: the margin m, an angle in radians in [0, pi/2], added to the target's angle.
 
@@ -291,6 +256,11 @@ def arcface_logits(
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
         s: scale in (0, 1e4]. m: angular margin in [0, pi/2]. easy_margin: margin only where cos theta_y > 0.
+        margin_grad: "exact" (default) or "detached" (the margin's value with the gradient of
+            s cos theta_y, insightface's convention: torch_port/margins.py).
+        ignore_index: rows with this label (default -1; None: none) give no loss and no gradient
+            ("mean" averages over the other rows; 0 when all are ignored); *_logits leave them margin-free.
+        m (and m1, m2, m3): a number, or a (B,) tensor of per-sample margins (constants, not learned).
 
     Returns:
         (B, C) logits in float32 (float64 for float64 inputs).
@@ -299,7 +269,7 @@ def arcface_logits(
         Deng, Guo, Xue, Zafeiriou, "ArcFace: Additive Angular Margin Loss for Deep Face Recognition",
         CVPR 2019.
     """
-    return margin_logits(x, W, y, arcface_config(s, m, easy_margin))
+    return margin_logits(x, W, y, arcface_config(s, m, easy_margin, margin_grad), ignore_index)
 
 
 def arcface_loss(
@@ -311,6 +281,8 @@ def arcface_loss(
     easy_margin: bool = False,
     reduction: str = "mean",
     chunk_size: int | None = None,
+    margin_grad: str = "exact",
+    ignore_index: int | None = ABSENT,
 ) -> torch.Tensor:
     r"""ArcFace, the additive angular margin loss.
 
@@ -335,6 +307,11 @@ def arcface_loss(
         s: scale in (0, 1e4] (default 64). m: angular margin in [0, pi/2] (default 0.5).
         easy_margin: a bool (default False). reduction: "mean", "sum" or "none".
         chunk_size: None or classes per chunk.
+        margin_grad: "exact" (default) or "detached" (the margin's value with the gradient of
+            s cos theta_y, insightface's convention: torch_port/margins.py).
+        ignore_index: rows with this label (default -1; None: none) give no loss and no gradient
+            ("mean" averages over the other rows; 0 when all are ignored); *_logits leave them margin-free.
+        m (and m1, m2, m3): a number, or a (B,) tensor of per-sample margins (constants, not learned).
 
     Returns:
         The loss in float32 (float64 for float64 inputs): per sample for "none", else reduced.
@@ -343,7 +320,8 @@ def arcface_loss(
         Deng, Guo, Xue, Zafeiriou, "ArcFace: Additive Angular Margin Loss for Deep Face Recognition",
         CVPR 2019.
     """
-    return margin_cross_entropy(x, W, y, arcface_config(s, m, easy_margin), reduction, chunk_size=chunk_size)
+    config = arcface_config(s, m, easy_margin, margin_grad)
+    return margin_cross_entropy(x, W, y, config, reduction, chunk_size, ignore_index)
 
 
 def combined_margin_logits(
@@ -354,6 +332,8 @@ def combined_margin_logits(
     m1: float = 1.0,
     m2: float = 0.5,
     m3: float = 0.0,
+    margin_grad: str = "exact",
+    ignore_index: int | None = ABSENT,
 ):
     r"""Combined-margin logits: the target logit s (cos(m1 theta + m2) - m3), extended monotonically past pi.
 
@@ -368,6 +348,11 @@ def combined_margin_logits(
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
         s: scale in (0, 1e4]. m1: in [1, 16]. m2: in [0, pi/2]. m3: >= 0.
+        margin_grad: "exact" (default) or "detached" (the margin's value with the gradient of
+            s cos theta_y, insightface's convention: torch_port/margins.py).
+        ignore_index: rows with this label (default -1; None: none) give no loss and no gradient
+            ("mean" averages over the other rows; 0 when all are ignored); *_logits leave them margin-free.
+        m (and m1, m2, m3): a number, or a (B,) tensor of per-sample margins (constants, not learned).
 
     Returns:
         (B, C) logits in float32 (float64 for float64 inputs).
@@ -376,7 +361,7 @@ def combined_margin_logits(
         Deng, Guo, Xue, Zafeiriou, "ArcFace: Additive Angular Margin Loss for Deep Face Recognition",
         CVPR 2019 (the combined margin).
     """
-    return margin_logits(x, W, y, combined_margin_config(s, m1, m2, m3))
+    return margin_logits(x, W, y, combined_margin_config(s, m1, m2, m3, margin_grad), ignore_index)
 
 
 def combined_margin_loss(
@@ -389,6 +374,8 @@ def combined_margin_loss(
     m3: float = 0.0,
     reduction: str = "mean",
     chunk_size: int | None = None,
+    margin_grad: str = "exact",
+    ignore_index: int | None = ABSENT,
 ) -> torch.Tensor:
     r"""The combined margin loss (m1, m2, m3): SphereFace's, ArcFace's and CosFace's margins at once.
 
@@ -409,6 +396,11 @@ def combined_margin_loss(
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
         s: scale in (0, 1e4] (default 64). m1 in [1, 16] (default 1). m2 in [0, pi/2] (default 0.5).
         m3 >= 0 (default 0). reduction: "mean", "sum" or "none". chunk_size: None or classes per chunk.
+        margin_grad: "exact" (default) or "detached" (the margin's value with the gradient of
+            s cos theta_y, insightface's convention: torch_port/margins.py).
+        ignore_index: rows with this label (default -1; None: none) give no loss and no gradient
+            ("mean" averages over the other rows; 0 when all are ignored); *_logits leave them margin-free.
+        m (and m1, m2, m3): a number, or a (B,) tensor of per-sample margins (constants, not learned).
 
     Returns:
         The loss in float32 (float64 for float64 inputs): per sample for "none", else reduced.
@@ -417,7 +409,8 @@ def combined_margin_loss(
         Deng, Guo, Xue, Zafeiriou, "ArcFace: Additive Angular Margin Loss for Deep Face Recognition",
         CVPR 2019 (the combined margin).
     """
-    return margin_cross_entropy(x, W, y, combined_margin_config(s, m1, m2, m3), reduction, chunk_size=chunk_size)
+    config = combined_margin_config(s, m1, m2, m3, margin_grad)
+    return margin_cross_entropy(x, W, y, config, reduction, chunk_size, ignore_index)
 
 
 __all__ = [

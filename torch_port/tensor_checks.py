@@ -103,9 +103,9 @@ def checks_on_device(t: torch.Tensor) -> bool:
     return t.device.type != "cpu"
 
 
-def _assert_labels_on_device(y: torch.Tensor, name: str, low: int, num_classes: int) -> torch.Tensor:
+def _assert_labels_on_device(y: torch.Tensor, name: str, low: int, num_classes: int, also: str = "") -> torch.Tensor:
     """The range check as a device-side assertion; returns the labels as int64 (exact where valid)."""
-    message = f"{name} must lie in [{low}, {num_classes}) (a device-side check: see torch_port.set_value_checks)"
+    message = f"{name} must lie in [{low}, {num_classes}){also} (a device-side check: see torch_port.set_value_checks)"
     if y.dtype == torch.uint64:  # unsigned order through the flipped top bit, as in _label_range
         flipped = torch.bitwise_xor(y.view(torch.int64), _TOP_BIT)
         torch._assert_async((flipped < _TOP_BIT + num_classes).all(), message)
@@ -122,6 +122,7 @@ def check_labels(
     name: str = "y",
     low: int = 0,
     same_device_as: tuple[str, torch.Tensor] | None = None,
+    ignore: int | None = None,
 ) -> torch.Tensor:
     """Integer labels of shape (batch,) with values in [low, num_classes) (low is 0, or -1 where
     -1 marks a row whose target is not among the classes); returns them as int64.
@@ -135,6 +136,8 @@ def check_labels(
     eager code on the CPU (a ValueError with the values found); inside torch.compile, during CUDA
     graph capture and on accelerators it is a device-side assertion instead, which neither breaks a
     compiled graph nor synchronises the device (:func:`set_value_checks` chooses otherwise).
+    ``ignore``: a negative label (``ignore_index``) also allowed, marking rows to skip; it is kept
+    in the labels returned.
     """
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of class indices, got {type(y).__name__}")
@@ -146,12 +149,19 @@ def check_labels(
         check_same_device(same_device_as, (name, y))
     if y.device.type == "meta":
         raise ValueError(f"{name} is on the meta device, which holds no values; put the labels on a real device")
+    also = f" or equal ignore_index={ignore}" if ignore is not None and y.dtype.is_signed else ""
+    kept_labels = None
+    if ignore is not None and y.dtype.is_signed:
+        # The range is checked with the ignored rows read as `low`; the labels returned keep them.
+        kept_labels = y.long()
+        y = torch.where(kept_labels == ignore, low, kept_labels)
     if checks_on_device(y):
-        return _assert_labels_on_device(y, name, low, num_classes)
+        checked = _assert_labels_on_device(y, name, low, num_classes, also)
+        return checked if kept_labels is None else kept_labels
     y, smallest, largest = _label_range(y)
     if smallest < low or largest >= num_classes:
-        raise ValueError(f"{name} must lie in [{low}, {num_classes}), got values in [{smallest}, {largest}]")
-    return y.long()
+        raise ValueError(f"{name} must lie in [{low}, {num_classes}){also}, got values in [{smallest}, {largest}]")
+    return y.long() if kept_labels is None else kept_labels
 
 
 def check_features_table_labels(x, table, y, table_name: str, low: int = 0):
@@ -217,8 +227,14 @@ def check_chunk_size(chunk_size) -> int | None:
     return None if chunk_size is None else check_positive_int(chunk_size, "chunk_size")
 
 
-def reduce_loss(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
-    """The one reduction every loss ends with: mean over the batch, sum, or none."""
+def reduce_loss(per_sample: torch.Tensor, reduction: str, kept: torch.Tensor | None = None) -> torch.Tensor:
+    """The one reduction every loss ends with: mean over the batch, sum, or none.
+
+    ``kept``: a bool (B,) mask of the rows that count (``ignore_index``); the others must already be
+    0 in ``per_sample``. "mean" then divides by their number, and by 1 when there is none (a loss of
+    0 with zero gradients: an all-ignored batch trains nothing, rather than giving nan)."""
+    if reduction == "mean" and kept is not None:
+        return per_sample.sum() / kept.sum().clamp_min(1).to(per_sample.dtype)
     if reduction == "mean":
         return per_sample.mean()
     if reduction == "sum":

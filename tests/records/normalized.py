@@ -293,7 +293,7 @@ def error_inputs(kind: str, with_reduction: bool) -> list[ErrorSample]:
         bad({"s": math.nextafter(MAX_SCALE, math.inf)}, ValueError, r"\bs\b.*\(0, 10000\]"),
         bad({"s": 1e39}, ValueError, r"\bs\b.*\(0, 10000\]"),
         bad({}, ValueError, r"\by\b.*\[0, 4\)", labels=np.array([0, 4])),
-        bad({}, ValueError, r"\by\b.*\[0, 4\)", labels=np.array([-1, 0])),
+        bad({}, ValueError, r"\by\b.*\[0, 4\) or equal ignore_index=-1", labels=np.array([-2, 0])),
         bad({}, TypeError, r"\by\b.*integer", labels=np.array([0.0, 1.0])),
         bad({}, ValueError, r"\by\b.*shape", labels=np.array([0, 1, 2])),
         bad({}, ValueError, r"\bW\b.*\(C, 3\)", tensors={"x": x, "W": np.ones((4, 2))}),
@@ -318,6 +318,13 @@ def error_inputs(kind: str, with_reduction: bool) -> list[ErrorSample]:
             bad({"m2": 2.0}, ValueError, r"\bm2\b.*\[0\.0, 1\.57"),
             bad({"m3": -0.1}, ValueError, r"\bm3\b.*>= 0"),
         ]
+    out += [
+        bad({"ignore_index": 0}, ValueError, r"\bignore_index\b.*negative"),
+        bad({"ignore_index": 1.5}, TypeError, r"\bignore_index\b"),
+        bad({"ignore_index": None}, ValueError, r"\by\b.*\[0, 4\), got", labels=np.array([-1, 0])),
+    ]
+    if kind != "normface":
+        out.append(bad({"margin_grad": "stopped"}, ValueError, r"\bmargin_grad\b.*exact"))
     if with_reduction:
         out.append(bad({"reduction": "avg"}, ValueError, r"reduction"))
     return out

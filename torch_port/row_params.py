@@ -1,0 +1,70 @@
+"""Per-row parameters of a target transform: one value per row of the batch (per-sample margins).
+
+A target transform (torch_port/geometry.py, ``MarginConfig.target``) that is a dataclass may hold
+1-d tensor fields, one entry per row of the batch: ArcFace with a margin per sample, ElasticFace's
+drawn margins, per-class margins looked up by label. Each path of the engine hands such a transform
+the rows it works on: the plain path all of them, the chunked path a block of rows at a time
+(:func:`rows_of_config`), the sharded path the global batch, gathered over the ranks
+(:func:`map_row_tensors` with an all-gather). The tensors are constants to the loss: their
+gradient is not computed (a per-sample margin is a hyperparameter, not a parameter).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from torch_port.geometry import MarginConfig
+
+
+def map_row_tensors(target, fn):
+    """The target transform with every per-row tensor field (a 1-d tensor: one value per row of the
+    batch) replaced by ``fn(field)``, through nested dataclasses (a wrapped transform); anything
+    else unchanged. ``fn`` restricts them to a block of rows (the chunked path) or gathers them
+    over ranks (the sharded path)."""
+    if target is None or not dataclasses.is_dataclass(target) or isinstance(target, type):
+        return target
+    changes = {}
+    for field in dataclasses.fields(target):
+        value = getattr(target, field.name)
+        if isinstance(value, torch.Tensor) and value.dim() == 1:
+            changes[field.name] = fn(value)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            inner = map_row_tensors(value, fn)
+            if inner is not value:
+                changes[field.name] = inner
+    return dataclasses.replace(target, **changes) if changes else target
+
+
+def row_tensors(target) -> list[tuple[str, torch.Tensor]]:
+    """(field name, tensor) of every per-row tensor field of a target transform (see :func:`map_row_tensors`)."""
+    found: list[tuple[str, torch.Tensor]] = []
+    if target is not None and dataclasses.is_dataclass(target) and not isinstance(target, type):
+        for field in dataclasses.fields(target):
+            value = getattr(target, field.name)
+            if isinstance(value, torch.Tensor) and value.dim() == 1:
+                found.append((field.name, value))
+            elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+                found.extend(row_tensors(value))
+    return found
+
+
+def rows_of_config(config: MarginConfig, rows) -> MarginConfig:
+    """The configuration for a block of rows of the batch (``rows`` a slice or an index tensor)."""
+    target = map_row_tensors(config.target, lambda t: t[rows])
+    return config if target is config.target else dataclasses.replace(config, target=target)
+
+
+def check_row_tensors(config: MarginConfig, batch: int, x: torch.Tensor) -> None:
+    """Every per-row tensor of the configuration holds one value per row of the batch, on x's device."""
+    for name, value in row_tensors(config.target):
+        if tuple(value.shape) != (batch,):
+            raise ValueError(
+                f"{name} must be a number or hold one value per sample, shape ({batch},), got {tuple(value.shape)}"
+            )
+        if value.device != x.device:
+            raise ValueError(f"{name} must be on x's device ({x.device}), got {value.device}")
+
+
+__all__ = ["check_row_tensors", "map_row_tensors", "row_tensors", "rows_of_config"]
