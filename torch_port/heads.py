@@ -12,9 +12,9 @@ import dataclasses
 import torch
 from torch import nn
 
-from softmax_common.checks import check_positive_int, check_reduction
+from softmax_common.checks import check_ignore_index, check_positive_int, check_reduction
 from torch_port.checkpoint_checks import AtomicLoad
-from torch_port.engine import MarginConfig, margin_cross_entropy, plain_logits
+from torch_port.engine import MarginConfig, check_inputs, margin_cross_entropy, plain_logits
 from torch_port.keyword_only import keyword_hyperparameters
 from torch_port.tensor_checks import check_chunk_size, check_feature_width
 
@@ -41,6 +41,8 @@ class MarginHead(AtomicLoad, nn.Module):
         num_classes: C >= 1. dim: feature dimension D >= 1.
         reduction: "mean" (over the batch), "sum" or "none".
         chunk_size: None for the plain path; an int for the memory-efficient path over class chunks.
+        ignore_index: rows with this label (default -1; None: none) give no loss and no gradient.
+        rows_per_class: weight rows per class (sub-centres; ``weight`` is (num_classes k, dim)).
         device, dtype: where and in which dtype to create ``weight``.
     """
 
@@ -52,6 +54,8 @@ class MarginHead(AtomicLoad, nn.Module):
         *,
         reduction: str = "mean",
         chunk_size: int | None = None,
+        ignore_index: int | None = -1,
+        rows_per_class: int = 1,
         device=None,
         dtype=None,
     ) -> None:
@@ -60,7 +64,9 @@ class MarginHead(AtomicLoad, nn.Module):
         self.dim = check_positive_int(dim, "dim")
         self.reduction = check_reduction(reduction)
         self.chunk_size = check_chunk_size(chunk_size)
-        self.weight = nn.Parameter(torch.empty(self.num_classes, self.dim, device=device, dtype=dtype))
+        self.ignore_index = check_ignore_index(ignore_index)
+        rows = self.num_classes * check_positive_int(rows_per_class, "rows_per_class")
+        self.weight = nn.Parameter(torch.empty(rows, self.dim, device=device, dtype=dtype))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -77,9 +83,21 @@ class MarginHead(AtomicLoad, nn.Module):
         engine's check, given x and W, would name W's shape)."""
         check_feature_width(x, self.weight, type(self).__name__)
 
+    def checked_labels(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The labels checked against x and this head's weight (range, shape, device; ``ignore_index``
+        allowed), as int64: for heads whose configuration depends on them (per-class margins)."""
+        k = self.weight.shape[0] // self.num_classes
+        return check_inputs(x, self.weight, y, subcenters=k, ignore_index=self.ignore_index)
+
+    def forward_config(self, x: torch.Tensor, y: torch.Tensor) -> MarginConfig:
+        """The configuration of this forward: :meth:`margin_config`, unless the margin depends on the
+        labels (per-class margins) or on the batch (ElasticFace's draws, AdaFace's statistics)."""
+        return self.margin_config()
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.check_features(x)
-        return margin_cross_entropy(x, self.weight, y, self.margin_config(), self.reduction, chunk_size=self.chunk_size)
+        config = self.forward_config(x, y)
+        return margin_cross_entropy(x, self.weight, y, config, self.reduction, self.chunk_size, self.ignore_index)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Margin-free logits (B, C) for inference: what the argmax and the softmax are taken of."""
@@ -87,4 +105,5 @@ class MarginHead(AtomicLoad, nn.Module):
         return plain_logits(x, self.weight, self.inference_config())
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, dim={self.dim}, reduction={self.reduction!r}"
+        ignored = "" if self.ignore_index == -1 else f", ignore_index={self.ignore_index}"
+        return f"num_classes={self.num_classes}, dim={self.dim}, reduction={self.reduction!r}{ignored}"

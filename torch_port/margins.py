@@ -151,8 +151,8 @@ def margin_value(m, name: str, check, low: float, high: float) -> Margin:
     if m.dim() == 0:
         raise ValueError(f"{name} must be a number or a 1-d tensor of per-sample margins, got a 0-d tensor")
     m = check_float_tensor(m, name, ndim=1).detach()
-    if m.shape[0] == 0:
-        raise ValueError(f"{name} must hold one margin per sample, got an empty tensor")
+    if m.shape[0] == 0:  # a rank of the sharded path may hold no sample
+        return m
     if m.device.type == "meta":
         raise ValueError(f"{name} is on the meta device, which holds no values")
     if checks_on_device(m):
@@ -229,6 +229,7 @@ __all__ = [
     "DetachedMargin",
     "angular_margin",
     "arcface_config",
+    "class_margins",
     "combined_gap",
     "combined_margin_config",
     "cosface_config",
@@ -238,3 +239,16 @@ __all__ = [
     "subcenter_arcface_config",
     "with_margin_grad",
 ]
+
+
+def class_margins(m, num_classes: int, kind: str) -> Margin:
+    """A head's margin: a number, or a (C,) tensor of per-class margins (``kind`` "angular" or
+    "cosine" decides the range), checked entry by entry and copied (the head keeps it as a buffer)."""
+    check = angular_margin if kind == "angular" else cosine_margin
+    m = check(m)
+    if isinstance(m, torch.Tensor):
+        if m.shape[0] != num_classes:
+            shape = tuple(m.shape)
+            raise ValueError(f"m must be a number or hold one margin per class, shape ({num_classes},), got {shape}")
+        m = m.clone()
+    return m

@@ -14,23 +14,73 @@ not change the loss, only the size of the first steps (the gradient of a normali
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 from torch import nn
 
-from softmax_common.checks import (
-    check_angular_margin,
-    check_combined_margins,
-    check_cosine_margin,
-    check_flag,
-    check_scale,
-)
+from softmax_common.checks import check_combined_margins, check_flag, check_margin_grad, check_scale
 from torch_port.engine import MarginConfig
 from torch_port.heads import MarginHead
 from torch_port.keyword_only import keyword_hyperparameters
-from torch_port.normalized import arcface_config, combined_margin_config, cosface_config, normface_config
+from torch_port.margins import (
+    arcface_config,
+    class_margins,
+    combined_margin_config,
+    cosface_config,
+    normface_config,
+)
 from torch_port.tensor_checks import check_scale_tensor
+
+
+class PerClassMargin:
+    """A head whose ``m`` is a number or a (C,) tensor of per-class margins (:func:`torch_port.adaptive_margins`).
+
+    A per-class ``m`` is a buffer (saved in the state dict, moved by ``.to()``; cast with the head
+    by ``.to(dtype)``), each entry held to the scalar margin's range, here and in a checkpoint; a
+    training forward looks each sample's margin up by its label (a per-sample margin for the engine).
+    """
+
+    def set_margin(self, m, kind: str) -> None:
+        self.margin_kind = kind
+        m = class_margins(m, self.num_classes, kind)
+        if isinstance(m, torch.Tensor):
+            self.register_buffer("m", m.to(device=self.weight.device))
+        else:
+            self.m = m
+
+    @property
+    def per_class(self) -> bool:
+        return isinstance(self.m, torch.Tensor)
+
+    def config_with(self, m) -> MarginConfig:
+        raise NotImplementedError
+
+    def margin_config(self) -> MarginConfig:
+        if self.per_class:
+            raise ValueError(
+                f"{type(self).__name__} has per-class margins: its configuration depends on the labels; "
+                "use forward_config(x, y), or build a configuration with m=head.m[y]"
+            )
+        return self.config_with(self.m)
+
+    def forward_config(self, x, y) -> MarginConfig:
+        if not self.per_class:
+            return self.margin_config()
+        return self.config_with(self.m[self.checked_labels(x, y).clamp_min(0)])
+
+    def inference_config(self) -> MarginConfig:
+        return dataclasses.replace(self.config_with(0.0), target=None)
+
+    def check_state_values(self, state_dict, prefix: str) -> None:
+        """A checkpoint's per-class ``m`` must hold valid margins (one per class, in range)."""
+        key = prefix + "m"
+        if self.per_class and key in state_dict:
+            class_margins(state_dict[key].detach(), self.num_classes, self.margin_kind)
+
+    def margin_repr(self) -> str:
+        return f"m=<{self.num_classes} per-class margins>" if self.per_class else f"m={self.m}"
 
 
 class NormFace(MarginHead):
@@ -57,6 +107,7 @@ class NormFace(MarginHead):
         num_classes: C >= 1. dim: feature dimension D >= 1.
         s: the (initial) scale in (0, 1e4] (default 16). learn_scale: learn s (default False).
         reduction: "mean", "sum" or "none". chunk_size: None or classes per chunk.
+        ignore_index: rows with this label (default -1; None: none) give no loss and no gradient.
         device, dtype: of ``weight``.
 
     References:
@@ -73,12 +124,15 @@ class NormFace(MarginHead):
         learn_scale: bool = False,
         reduction: str = "mean",
         chunk_size: int | None = None,
+        ignore_index: int | None = -1,
         device=None,
         dtype=None,
     ) -> None:
         s = check_scale(s)
         learn_scale = check_flag(learn_scale, "learn_scale")
-        super().__init__(num_classes, dim, reduction=reduction, chunk_size=chunk_size, device=device, dtype=dtype)
+        options = dict(reduction=reduction, chunk_size=chunk_size, ignore_index=ignore_index)
+        options.update(device=device, dtype=dtype)
+        super().__init__(num_classes, dim, **options)
         self.learn_scale = learn_scale
         if learn_scale:
             scale_dtype = torch.promote_types(dtype or torch.get_default_dtype(), torch.float32)
@@ -125,7 +179,7 @@ class NormFace(MarginHead):
         return f"{super().extra_repr()}, s={self.s:.6g}, learn_scale={self.learn_scale}"
 
 
-class CosFace(MarginHead):
+class CosFace(PerClassMargin, MarginHead):
     r"""CosFace (LMCL) head: the target's cosine lowered by m, then scaled by s.
 
     .. math::
@@ -138,8 +192,10 @@ class CosFace(MarginHead):
 
     Args:
         num_classes: C >= 1. dim: feature dimension D >= 1.
-        s: scale in (0, 1e4] (default 64). m: cosine margin >= 0 (default 0.35).
-        reduction, chunk_size, device, dtype: as for :class:`torch_port.heads.MarginHead`.
+        s: scale in (0, 1e4] (default 64). m: cosine margin >= 0 (default 0.35), or a (C,) tensor
+            of per-class margins (:class:`PerClassMargin`).
+        margin_grad: "exact" (default) or "detached" (torch_port/margins.py).
+        reduction, chunk_size, ignore_index, device, dtype: as for :class:`torch_port.heads.MarginHead`.
 
     References:
         Wang et al., "CosFace: Large Margin Cosine Loss for Deep Face Recognition", CVPR 2018.
@@ -152,21 +208,26 @@ class CosFace(MarginHead):
         dim: int,
         *,
         s: float = 64.0,
-        m: float = 0.35,
+        m: float | torch.Tensor = 0.35,
+        margin_grad: str = "exact",
         reduction: str = "mean",
         chunk_size: int | None = None,
+        ignore_index: int | None = -1,
         device=None,
         dtype=None,
     ) -> None:
-        s, m = check_scale(s), check_cosine_margin(m)
-        super().__init__(num_classes, dim, reduction=reduction, chunk_size=chunk_size, device=device, dtype=dtype)
-        self.s, self.m = s, m
+        s, margin_grad = check_scale(s), check_margin_grad(margin_grad)
+        options = dict(reduction=reduction, chunk_size=chunk_size, ignore_index=ignore_index)
+        options.update(device=device, dtype=dtype)
+        super().__init__(num_classes, dim, **options)
+        self.s, self.margin_grad = s, margin_grad
+        self.set_margin(m, "cosine")
 
-    def margin_config(self) -> MarginConfig:
-        return cosface_config(self.s, self.m)
+    def config_with(self, m) -> MarginConfig:
+        return cosface_config(self.s, m, self.margin_grad)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, s={self.s}, m={self.m}"
+        return f"{super().extra_repr()}, s={self.s}, {self.margin_repr()}"
 
 
 class AMSoftmax(CosFace):
@@ -179,8 +240,10 @@ class AMSoftmax(CosFace):
 
     Args:
         num_classes: C >= 1. dim: feature dimension D >= 1.
-        s: scale in (0, 1e4] (default 30). m: cosine margin >= 0 (default 0.35).
-        reduction, chunk_size, device, dtype: as for :class:`torch_port.heads.MarginHead`.
+        s: scale in (0, 1e4] (default 30). m: cosine margin >= 0 (default 0.35), or a (C,) tensor
+            of per-class margins (:class:`PerClassMargin`).
+        margin_grad: "exact" (default) or "detached" (torch_port/margins.py).
+        reduction, chunk_size, ignore_index, device, dtype: as for :class:`torch_port.heads.MarginHead`.
 
     References:
         Wang, Cheng, Liu, Liu, "Additive Margin Softmax for Face Verification", IEEE SPL 2018.
@@ -193,17 +256,20 @@ class AMSoftmax(CosFace):
         dim: int,
         *,
         s: float = 30.0,
-        m: float = 0.35,
+        m: float | torch.Tensor = 0.35,
+        margin_grad: str = "exact",
         reduction: str = "mean",
         chunk_size: int | None = None,
+        ignore_index: int | None = -1,
         device=None,
         dtype=None,
     ) -> None:
-        options = dict(reduction=reduction, chunk_size=chunk_size, device=device, dtype=dtype)
-        super().__init__(num_classes, dim, s=s, m=m, **options)
+        options = dict(reduction=reduction, chunk_size=chunk_size, ignore_index=ignore_index)
+        options.update(device=device, dtype=dtype)
+        super().__init__(num_classes, dim, s=s, m=m, margin_grad=margin_grad, **options)
 
 
-class ArcFace(MarginHead):
+class ArcFace(PerClassMargin, MarginHead):
     r"""ArcFace head: the margin m added to the target's angle.
 
     .. math::
@@ -218,9 +284,11 @@ class ArcFace(MarginHead):
 
     Args:
         num_classes: C >= 1. dim: feature dimension D >= 1.
-        s: scale in (0, 1e4] (default 64). m: angular margin in [0, pi/2] (default 0.5).
+        s: scale in (0, 1e4] (default 64). m: angular margin in radians in [0, pi/2] (default 0.5),
+            or a (C,) tensor of per-class margins (:class:`PerClassMargin`).
         easy_margin: apply the margin only where cos theta_y > 0 (default False).
-        reduction, chunk_size, device, dtype: as for :class:`torch_port.heads.MarginHead`.
+        margin_grad: "exact" (default) or "detached" (torch_port/margins.py).
+        reduction, chunk_size, ignore_index, device, dtype: as for :class:`torch_port.heads.MarginHead`.
 
     References:
         Deng, Guo, Xue, Zafeiriou, "ArcFace: Additive Angular Margin Loss for Deep Face Recognition",
@@ -234,23 +302,28 @@ class ArcFace(MarginHead):
         dim: int,
         *,
         s: float = 64.0,
-        m: float = 0.5,
+        m: float | torch.Tensor = 0.5,
         easy_margin: bool = False,
+        margin_grad: str = "exact",
         reduction: str = "mean",
         chunk_size: int | None = None,
+        ignore_index: int | None = -1,
         device=None,
         dtype=None,
     ) -> None:
-        s, m = check_scale(s), check_angular_margin(m)
+        s, margin_grad = check_scale(s), check_margin_grad(margin_grad)
         easy_margin = check_flag(easy_margin, "easy_margin")
-        super().__init__(num_classes, dim, reduction=reduction, chunk_size=chunk_size, device=device, dtype=dtype)
-        self.s, self.m, self.easy_margin = s, m, easy_margin
+        options = dict(reduction=reduction, chunk_size=chunk_size, ignore_index=ignore_index)
+        options.update(device=device, dtype=dtype)
+        super().__init__(num_classes, dim, **options)
+        self.s, self.easy_margin, self.margin_grad = s, easy_margin, margin_grad
+        self.set_margin(m, "angular")
 
-    def margin_config(self) -> MarginConfig:
-        return arcface_config(self.s, self.m, self.easy_margin)
+    def config_with(self, m) -> MarginConfig:
+        return arcface_config(self.s, m, self.easy_margin, self.margin_grad)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, s={self.s}, m={self.m}, easy_margin={self.easy_margin}"
+        return f"{super().extra_repr()}, s={self.s}, {self.margin_repr()}, easy_margin={self.easy_margin}"
 
 
 class CombinedMargin(MarginHead):
@@ -266,8 +339,8 @@ class CombinedMargin(MarginHead):
     Args:
         num_classes: C >= 1. dim: feature dimension D >= 1.
         s: scale in (0, 1e4] (default 64). m1: in [1, 16] (default 1). m2: in [0, pi/2] (default 0.5).
-        m3: >= 0 (default 0).
-        reduction, chunk_size, device, dtype: as for :class:`torch_port.heads.MarginHead`.
+        m3: >= 0 (default 0). margin_grad: "exact" (default) or "detached" (torch_port/margins.py).
+        reduction, chunk_size, ignore_index, device, dtype: as for :class:`torch_port.heads.MarginHead`.
 
     References:
         Deng, Guo, Xue, Zafeiriou, "ArcFace: Additive Angular Margin Loss for Deep Face Recognition",
@@ -284,21 +357,25 @@ class CombinedMargin(MarginHead):
         m1: float = 1.0,
         m2: float = 0.5,
         m3: float = 0.0,
+        margin_grad: str = "exact",
         reduction: str = "mean",
         chunk_size: int | None = None,
+        ignore_index: int | None = -1,
         device=None,
         dtype=None,
     ) -> None:
-        s = check_scale(s)
+        s, margin_grad = check_scale(s), check_margin_grad(margin_grad)
         m1, m2, m3 = check_combined_margins(m1, m2, m3)
-        super().__init__(num_classes, dim, reduction=reduction, chunk_size=chunk_size, device=device, dtype=dtype)
-        self.s, self.m1, self.m2, self.m3 = s, m1, m2, m3
+        options = dict(reduction=reduction, chunk_size=chunk_size, ignore_index=ignore_index)
+        options.update(device=device, dtype=dtype)
+        super().__init__(num_classes, dim, **options)
+        self.s, self.m1, self.m2, self.m3, self.margin_grad = s, m1, m2, m3, margin_grad
 
     def margin_config(self) -> MarginConfig:
-        return combined_margin_config(self.s, self.m1, self.m2, self.m3)
+        return combined_margin_config(self.s, self.m1, self.m2, self.m3, self.margin_grad)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, s={self.s}, m1={self.m1}, m2={self.m2}, m3={self.m3}"
 
 
-__all__ = ["AMSoftmax", "ArcFace", "CombinedMargin", "CosFace", "NormFace"]
+__all__ = ["AMSoftmax", "ArcFace", "CombinedMargin", "CosFace", "NormFace", "PerClassMargin"]

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from softmax_common.checks import check_positive_int
 from torch_port.engine import MarginConfig, check_inputs
+from torch_port.row_params import check_row_tensors
 from torch_port.tensor_checks import check_feature_width, check_labels
 
 # Angles at which a margin's target transform psi is evaluated to compare configurations across
@@ -72,6 +73,7 @@ def config_fingerprint(config: MarginConfig) -> tuple:
         ("scale", scale),
         ("feature_norm", config.feature_norm),
         ("weight_norm", config.weight_norm),
+        ("subcenters", config.subcenters),
         _target_fingerprint(config.target),
     )
 
@@ -84,9 +86,9 @@ def _target_fingerprint(target) -> tuple | str | None:
     if target is None:
         return None
     if dataclasses.is_dataclass(target) and not isinstance(target, type):
-        fields = dataclasses.astuple(target)
-        if all(isinstance(value, int | float | bool | str) for value in fields):
-            return (type(target).__qualname__, tuple(repr(value) for value in fields))
+        parts = [_field_fingerprint(getattr(target, field.name)) for field in dataclasses.fields(target)]
+        if all(part is not None for part in parts):
+            return (type(target).__qualname__, tuple(parts))
     theta = torch.tensor(PROBE_ANGLES, dtype=torch.float64)
     try:
         with torch.no_grad():
@@ -95,6 +97,20 @@ def _target_fingerprint(target) -> tuple | str | None:
         return tuple(repr(float(v)) for v in values.double().flatten().tolist())
     except Exception:
         return getattr(target, "__qualname__", type(target).__qualname__)
+
+
+def _field_fingerprint(value):
+    """A field of a frozen-dataclass transform as plain values: a number by its repr; a nested
+    transform by its own fingerprint; a per-row tensor (per-sample margins, which differ between
+    ranks by design) by its dtype alone; None for anything else, a 0-d tensor included (the
+    transform is then evaluated at PROBE_ANGLES, which compares that tensor's value)."""
+    if isinstance(value, int | float | bool | str):
+        return repr(value)
+    if isinstance(value, torch.Tensor) and value.dim() == 1:
+        return ("per-row tensor", str(value.dtype))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _target_fingerprint(value)
+    return None
 
 
 # What each operation is, for the error when ranks make different calls at the same time.
@@ -199,7 +215,9 @@ def _refuse_an_empty_global_batch(everyone: list[dict], world: int) -> None:
         )
 
 
-def check_local(x, W, y, config, num_classes, rank, world, *, owner=None) -> tuple[int, int, torch.Tensor | None]:
+def check_local(
+    x, W, y, config, num_classes, rank, world, *, owner=None, ignore_index=None
+) -> tuple[int, int, torch.Tensor | None]:
     """The single-rank checks: shapes, dtypes, the shard's size, labels in [0, C).
 
     A rank may hold no sample (x of shape (0, D), y of shape (0,)): its checks run on a one-row
@@ -215,16 +233,19 @@ def check_local(x, W, y, config, num_classes, rank, world, *, owner=None) -> tup
     start, end = shard_range(num_classes, world, rank)
     empty = isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[0] == 0 and x.shape[1] > 0
     check_inputs(x.new_zeros((1, x.shape[1])) if empty else x, W)
-    if W.shape[0] != end - start:
+    k = config.subcenters
+    if W.shape[0] != (end - start) * k:
+        per_class = f" ({k} sub-centre rows per class)" if k > 1 else ""
         raise ValueError(
-            f"W must have shape ({end - start}, {x.shape[1]}): rank {rank} of {world} holds classes "
-            f"[{start}, {end}) of num_classes={num_classes}, got {tuple(W.shape)}"
+            f"W must have shape ({(end - start) * k}, {x.shape[1]}): rank {rank} of {world} holds classes "
+            f"[{start}, {end}) of num_classes={num_classes}{per_class}, got {tuple(W.shape)}"
         )
+    check_row_tensors(config, x.shape[0], x)
     if y is not None:
         if empty and isinstance(y, torch.Tensor) and tuple(y.shape) == (0,):
             y = check_labels(y.new_zeros(1), 1, num_classes, same_device_as=("x", x))[:0]
         else:
-            y = check_labels(y, x.shape[0], num_classes, same_device_as=("x", x))
+            y = check_labels(y, x.shape[0], num_classes, same_device_as=("x", x), ignore=ignore_index)
     return start, end, y
 
 

@@ -17,9 +17,12 @@ import torch
 CHECKPOINT_FORMAT = "softmax-variants/sharded-margin-head/1"
 
 
-def shard_metadata(num_classes: int, dim: int, world_size: int, rank: int, class_start: int, class_end: int) -> dict:
-    """The place of a shard, as saved beside its weight."""
+def shard_metadata(
+    num_classes: int, dim: int, world_size: int, rank: int, class_start: int, class_end: int, subcenters: int = 1
+) -> dict:
+    """The place of a shard, as saved beside its weight (``subcenters``: weight rows per class)."""
     return {
+        "subcenters": subcenters,
         "format": CHECKPOINT_FORMAT,
         "num_classes": num_classes,
         "dim": dim,
@@ -35,7 +38,7 @@ def check_shard_metadata(state, mine: Mapping) -> None:
     if not isinstance(state, Mapping) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"not a ShardedMarginHead checkpoint (expected format {CHECKPOINT_FORMAT!r})")
     keys = ("num_classes", "dim", "class_start", "class_end")
-    if any(state.get(k) != mine[k] for k in keys):
+    if any(state.get(k) != mine[k] for k in keys) or state.get("subcenters", 1) != mine.get("subcenters", 1):
         raise ValueError(
             f"the checkpoint holds classes [{state.get('class_start')}, {state.get('class_end')}) of "
             f"num_classes={state.get('num_classes')}, dim={state.get('dim')} (rank {state.get('rank')} of "
@@ -46,7 +49,8 @@ def check_shard_metadata(state, mine: Mapping) -> None:
 
 
 def merge_shard_weights(state_dicts: Sequence[Mapping], prefix: str = "") -> torch.Tensor:
-    """The full (num_classes, dim) weight from the state dicts of all shards of a ShardedMarginHead.
+    """The full (num_classes k, dim) weight from the state dicts of all shards of a ShardedMarginHead
+    (k = 1, or the sub-centres per class).
 
     Args:
         state_dicts: one ``state_dict()`` per rank (any order), e.g. loaded from the files each rank
@@ -78,7 +82,9 @@ def merge_shard_weights(state_dicts: Sequence[Mapping], prefix: str = "") -> tor
                 f"the shards must cover [0, {num_classes}) exactly once; classes from {position} on are "
                 f"{'missing' if meta['class_start'] > position else 'held twice'}"
             )
-        if tuple(weight.shape) != (meta["class_end"] - meta["class_start"], dim):
+        # k rows per class (sub-centres: the same k in every shard; metadata of older heads has none: 1)
+        rows = (meta["class_end"] - meta["class_start"]) * meta.get("subcenters", 1)
+        if tuple(weight.shape) != (rows, dim):
             raise ValueError(
                 f"the shard of classes [{meta['class_start']}, {meta['class_end']}) has shape {tuple(weight.shape)}"
             )

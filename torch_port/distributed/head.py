@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from softmax_common.checks import check_interval, check_positive, check_positive_int, check_reduction
+from softmax_common.checks import (
+    check_ignore_index,
+    check_interval,
+    check_positive,
+    check_positive_int,
+    check_reduction,
+)
 from torch_port.distributed.agreement import shard_range
 from torch_port.distributed.checkpoints import check_shard_metadata, shard_metadata
 from torch_port.distributed.collectives import rank_and_world
@@ -50,8 +56,9 @@ class ShardedMarginHead(nn.Module):
             every rank. A learned scale is a config whose ``scale`` is an ``nn.Parameter``: the head
             registers it as ``self.scale`` (so the optimizer and ``state_dict`` see it) and each
             rank's copy receives the whole gradient.
-        reduction, sample_rate, feature_grad_scale, chunk_size, generator, group: as
-            :func:`sharded_margin_cross_entropy`.
+        reduction, sample_rate, feature_grad_scale, chunk_size, generator, group, ignore_index: as
+            :func:`sharded_margin_cross_entropy`. A configuration with k sub-centres per class
+            (``subcenter_arcface_config``) makes ``weight`` ((class_end - class_start) k, dim).
         device, dtype: where and in which dtype to create ``weight``.
 
     References:
@@ -72,10 +79,12 @@ class ShardedMarginHead(nn.Module):
         chunk_size: int | None = None,
         generator: torch.Generator | None = None,
         group=None,
+        ignore_index: int | None = -1,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
+        self.ignore_index = check_ignore_index(ignore_index)
         if not isinstance(config, MarginConfig):
             raise TypeError(f"config must be a torch_port.engine.MarginConfig, got {type(config).__name__}")
         self.rank, self.world_size = rank_and_world(group)
@@ -95,7 +104,7 @@ class ShardedMarginHead(nn.Module):
             self.scale = config.scale
         # Global indices of the classes the last sampled forward kept on this rank (None: all).
         self.last_kept_classes: torch.Tensor | None = None
-        rows = self.class_end - self.class_start
+        rows = (self.class_end - self.class_start) * config.subcenters  # k rows per class for sub-centres
         self.weight = nn.Parameter(torch.empty(rows, self.dim, device=device, dtype=dtype))
         self.reset_parameters()
 
@@ -121,6 +130,7 @@ class ShardedMarginHead(nn.Module):
             config,
             reduction=head.reduction,
             chunk_size=head.chunk_size,
+            ignore_index=head.ignore_index,
             group=group,
             device=head.weight.device,
             dtype=head.weight.dtype,
@@ -146,6 +156,7 @@ class ShardedMarginHead(nn.Module):
             generator=self.generator,
             group=self.group,
             owner=type(self).__name__,
+            ignore_index=self.ignore_index,
         )
         self.last_kept_classes = kept
         return loss
@@ -159,7 +170,8 @@ class ShardedMarginHead(nn.Module):
     # --- checkpoints ---
 
     def get_extra_state(self) -> dict:
-        return shard_metadata(self.num_classes, self.dim, self.world_size, self.rank, self.class_start, self.class_end)
+        start, end, k = self.class_start, self.class_end, self.config.subcenters
+        return shard_metadata(self.num_classes, self.dim, self.world_size, self.rank, start, end, k)
 
     def set_extra_state(self, state) -> None:
         check_shard_metadata(state, self.get_extra_state())  # already checked before any copy; cheap to repeat
@@ -173,14 +185,17 @@ class ShardedMarginHead(nn.Module):
 
     @torch.no_grad()
     def load_full_weight(self, weight: torch.Tensor) -> None:
-        """Copy this rank's rows of a full (num_classes, dim) weight into the shard."""
+        """Copy this rank's rows of a full (num_classes k, dim) weight into the shard (k sub-centre
+        rows per class, 1 without sub-centres)."""
         if not isinstance(weight, torch.Tensor):
             raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-        if tuple(weight.shape) != (self.num_classes, self.dim):
+        k = self.config.subcenters
+        if tuple(weight.shape) != (self.num_classes * k, self.dim):
             raise ValueError(
-                f"weight must have shape ({self.num_classes}, {self.dim}) (the full weight), got {tuple(weight.shape)}"
+                f"weight must have shape ({self.num_classes * k}, {self.dim}) (the full weight), "
+                f"got {tuple(weight.shape)}"
             )
-        self.weight.copy_(weight[self.class_start : self.class_end])
+        self.weight.copy_(weight[self.class_start * k : self.class_end * k])
 
     def extra_repr(self) -> str:
         return (

@@ -35,7 +35,7 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
-from softmax_common.checks import check_interval, check_positive, check_reduction
+from softmax_common.checks import check_ignore_index, check_interval, check_positive, check_reduction
 from torch_port.distributed.agreement import check_local, common_metadata, exchange_metadata, shard_range
 from torch_port.distributed.collectives import (
     all_gather_rows,
@@ -46,6 +46,7 @@ from torch_port.distributed.collectives import (
     sum_over_ranks,
 )
 from torch_port.engine import ABSENT, MarginConfig, lse_and_target, plain_logits, upcast
+from torch_port.row_params import map_row_tensors
 from torch_port.tensor_checks import check_chunk_size, compute_dtype, reduce_loss
 
 
@@ -85,6 +86,7 @@ def sharded_loss(
     generator,
     group,
     owner=None,
+    ignore_index=ABSENT,
 ):
     """The loss and, when sampling, the global indices of the classes this rank kept (else None).
     ``owner``: the module that owns W, for the error of x of another width (see ``check_local``)."""
@@ -95,7 +97,8 @@ def sharded_loss(
         sample_rate = check_interval(sample_rate, "sample_rate", 0.0, 1.0, low_open=True)
         feature_grad_scale = check_positive(feature_grad_scale, "feature_grad_scale")
         chunk_size = check_chunk_size(chunk_size)
-        start, end, y = check_local(x, W, y, config, num_classes, rank, world, owner=owner)
+        ignore_index = check_ignore_index(ignore_index)
+        start, end, y = check_local(x, W, y, config, num_classes, rank, world, owner=owner, ignore_index=ignore_index)
         dtype = compute_dtype(("x", x), ("W", W))
         metadata = {
             **common_metadata(x, W, num_classes, config),
@@ -103,6 +106,7 @@ def sharded_loss(
             "sample_rate": sample_rate,
             "feature_grad_scale": feature_grad_scale,
             "chunk_size": chunk_size,
+            "ignore_index": ignore_index,
             # Backward runs collectives: every rank must take part in it, or none.
             "autograd (grad mode, x.requires_grad, W.requires_grad)": (
                 torch.is_grad_enabled(),
@@ -119,6 +123,10 @@ def sharded_loss(
         # upcast: a gradient past float16's range reaches a float16 x saturated, not inf (geometry.upcast)
         x_all = gather_rows(upcast(x, dtype), sizes, group, feature_grad_scale)
         y_all = all_gather_rows(y, sizes, group)
+        # Per-sample margins travel with their rows; ignored rows (ignore_index < 0) are owned by no rank.
+        config = dataclasses.replace(
+            config, target=map_row_tensors(config.target, lambda t: all_gather_rows(t, sizes, group))
+        )
         owned = (y_all >= start) & (y_all < end)
         labels = torch.where(owned, y_all - start, ABSENT)
         kept, W_used = None, W
@@ -126,7 +134,8 @@ def sharded_loss(
             kept = sample_classes(y_all, start, end, sample_rate, generator, W.device)
             column_of = torch.full((end - start,), ABSENT, dtype=torch.long, device=W.device)
             column_of[kept] = torch.arange(kept.numel(), device=W.device)
-            W_used = W[kept]
+            k = config.subcenters  # a kept class keeps its k rows
+            W_used = W[kept] if k == 1 else W.view(-1, k, W.shape[1])[kept].reshape(-1, W.shape[1])
             labels = torch.where(owned, column_of[labels.clamp_min(0)], ABSENT)
         scale = config.scale
         if isinstance(scale, torch.Tensor) and scale.requires_grad:
@@ -137,8 +146,11 @@ def sharded_loss(
         log_normaliser = log_sum_exp_over_ranks(lse, group)
         target = sum_over_ranks(target, group)
         per_sample = all_reduce_grad(log_normaliser - target, group, average=True)
+        counted = None if ignore_index is None else y_all != ignore_index
+        if counted is not None:
+            per_sample = torch.where(counted, per_sample, 0.0)
         kept_global = None if kept is None else kept + start
-        return reduce_loss(per_sample, reduction), kept_global
+        return reduce_loss(per_sample, reduction, counted), kept_global
 
 
 def sharded_margin_cross_entropy(
@@ -154,6 +166,7 @@ def sharded_margin_cross_entropy(
     chunk_size: int | None = None,
     generator: torch.Generator | None = None,
     group=None,
+    ignore_index: int | None = ABSENT,
 ) -> torch.Tensor:
     r"""Margin cross-entropy of the global batch with the class weights sharded over the ranks.
 
@@ -187,9 +200,10 @@ def sharded_margin_cross_entropy(
     Args:
         x: this rank's features (B_r, D), float; batch sizes may differ between ranks, and B_r may
             be 0 on some ranks (not on all): such a rank takes part, its x gets a (0, D) gradient.
-        W: this rank's shard of the class weights, ``(end - start, D)`` with
+        W: this rank's shard of the class weights, ``((end - start) k, D)`` (k = config.subcenters) with
             ``(start, end) = shard_range(num_classes, world_size, rank)``.
-        y: this rank's integer labels (B_r,) in [0, num_classes) (global class indices).
+        y: this rank's integer labels (B_r,) in [0, num_classes) (global class indices), or
+            ``ignore_index``. Per-sample margins in ``config`` (a (B_r,) tensor) are this rank's rows.
         config: the loss as an engine configuration (same on every rank).
         num_classes: C, the total number of classes, >= the world size.
         reduction: "mean" (over the global batch), "sum", or "none" (the (B,) losses of the global
@@ -203,6 +217,8 @@ def sharded_margin_cross_entropy(
             (the memory-efficient path of ``torch_port/chunked.py``).
         generator: the random generator of the negative sampling (default: torch's global one).
         group: the process group (default: the world); its timeout bounds every collective here.
+        ignore_index: rows with this label (default -1; None: none) give no loss and no gradient;
+            "mean" averages over the other rows of the global batch (0 when all are ignored).
 
     Returns:
         The loss, in float32 (float64 for float64 inputs), equal on every rank.
@@ -231,6 +247,7 @@ def sharded_margin_cross_entropy(
         chunk_size=chunk_size,
         generator=generator,
         group=group,
+        ignore_index=ignore_index,
     )
     return loss
 
