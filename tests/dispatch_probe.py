@@ -58,3 +58,26 @@ class HostReads(TorchDispatchMode):
         if str(func).startswith(self.OPS):
             self.count += 1
         return func(*args, **(kwargs or {}))
+
+
+class SubnormalProbe(TorchDispatchMode):
+    """Counts, per aten op, the subnormal entries (0 < |v| < tiny of its dtype) of the floating
+    tensors the op computes: views and uninitialised allocations (whose entries are whatever the
+    memory held) are skipped."""
+
+    def __init__(self):
+        super().__init__()
+        self.found: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.is_view or "empty" in func.overloadpacket.__name__:
+            return out
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+                size = t.detach().abs()
+                count = int(((size > 0) & (size < torch.finfo(t.dtype).tiny)).sum())
+                if count:
+                    name = str(func.overloadpacket)
+                    self.found[name] = self.found.get(name, 0) + count
+        return out

@@ -14,7 +14,10 @@ the registry (a margin record's ``config`` of its hyperparameters, its ``head``)
   change of W between forward and backward caught, partial gradients and no_grad, batches larger
   than a feature block, bit-identical results under autocast;
 - the heads pass chunk_size through; the chunk_size checks; chunk_size_for; every device present;
-  the rounding of a large problem.
+  the rounding of a large problem;
+- on peaked (trained-like) inputs whose softmax numerators fall in the subnormal band, the chunked
+  path computes no subnormal number (a dispatch probe, the plain path as positive control) and
+  still agrees with the plain path.
 
 Comparisons (tests/tolerances.py): in float64 chunked == plain to PATH_AGREEMENT (1e-10, relative to
 each element and to the tensor's largest, at least 1); in float32 the chunked result must be no
@@ -25,6 +28,7 @@ with PATH_AGREEMENT's 1e-5 and the float32 noise floor).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -33,7 +37,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests import strategies as S
-from tests.dispatch_probe import OpProbe
+from tests.dispatch_probe import OpProbe, SubnormalProbe
 from tests.registry import BY_NAME, RECORDS
 from tests.tolerances import (
     PATH_AGREEMENT,
@@ -501,3 +505,40 @@ def test_half_precision_inputs_agree_on_each_device(device):
     for a, b in zip(grads, plain_grads):
         assert a.dtype == b.dtype == torch.bfloat16
         assert_matches(a.float(), b.float(), 1e-2, "bfloat16 gradient")
+
+
+def peaked_inputs(batch, dim, classes, norm, dtype, seed=11):
+    """Trained-like inputs: each x_i at 0.1 rad from W[y_i] with |x_i| = ``norm``, W of N(0, 1/D)
+    entries, so that SphereFace's and L-Softmax's non-target logits sit about ``norm`` below the
+    target one (benchmarks/subnormal_trap.py, "peaked")."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (batch,), generator=gen)
+    W = torch.randn(classes, dim, dtype=torch.float64, generator=gen) / math.sqrt(dim)
+    w_hat = torch.nn.functional.normalize(W[y])
+    noise = torch.randn(batch, dim, dtype=torch.float64, generator=gen)
+    noise = torch.nn.functional.normalize(noise - (noise * w_hat).sum(1, keepdim=True) * w_hat)
+    x = norm * (math.cos(0.1) * w_hat + math.sin(0.1) * noise)
+    return x.to(dtype), W.to(dtype), y
+
+
+@pytest.mark.parametrize(
+    ("dtype", "norm"), [(torch.float32, 100.0), (torch.float64, 740.0)], ids=["float32", "float64"]
+)
+@pytest.mark.parametrize("name", ["sphereface_loss", "lsoftmax_loss"])
+def test_peaked_inputs_make_no_subnormals(name, dtype, norm):
+    """SphereFace and L-Softmax (m = 4) on peaked inputs, whose numerators exp(logit - M) fall in
+    the dtype's subnormal band (below 2^-126 in float32, 2^-1022 in float64): the chunked step
+    (forward and backward) computes no subnormal entry in any tensor (numerators below tiny / eps are
+    exactly 0; subnormal operands run on a CPU's slow path, 60x slower, benchmarks/RESULTS.md), while
+    the plain path, the positive control, computes thousands; and the two paths still agree."""
+    x, W, y = peaked_inputs(32, 64, 2000, norm, dtype)
+    config = default_config(name)
+    found = {}
+    for chunk_size in (256, None):
+        xs, Ws = x.clone().requires_grad_(), W.clone().requires_grad_()
+        with SubnormalProbe() as probe:
+            margin_cross_entropy(xs, Ws, y, config, "mean", chunk_size=chunk_size).backward()
+        found[chunk_size] = probe.found
+    assert sum(found[None].values()) > 1000, found[None]  # the inputs do reach the band
+    assert found[256] == {}, found[256]
+    assert_paths_agree(x, W, y, config, "mean", 256)

@@ -18,6 +18,29 @@ from torch_port import geometry
 LOG2E = 1.0 / math.log(2.0)
 
 
+def exp2_floor(dtype: torch.dtype) -> float:
+    """log2(tiny / eps) of ``dtype`` (-103 in float32, -970 in float64; tiny the smallest normal
+    number): a softmax numerator exp2(a) of the chunk loops whose argument a is at or below it is
+    exactly 0 (:func:`flush_small_`) instead of being computed (subnormal, or near it).
+    Subnormal operands or results send the exponentials, sums and products on a CPU's slow path
+    (33x-73x a step, benchmarks/RESULTS.md, "Subnormal floats"). The floor sits 1/eps above tiny so
+    that the numerators kept, times a factor of size eps or more (the products u . W_j, the factors
+    c_j, the features in G^T u and G W), stay normal too. The cost is far below rounding: every row's
+    sum holds its largest term exp(0) = 1 (so its ulp is >= eps), and each numerator dropped is
+    below tiny / eps, under 2^-80 (2^-918) of that ulp; C < 2^24 of them stay
+    under 2^-56 (2^-894) ulp. Each gradient entry g_i p_ij changes by less than |g_i| 2^-103
+    (2^-970) absolute."""
+    info = torch.finfo(dtype)
+    return math.log2(info.tiny / info.eps)
+
+
+def flush_small_(exponents: torch.Tensor) -> torch.Tensor:
+    """In place: exponent arguments in exp2's units at or below log2(tiny / eps) of their dtype
+    become -inf (NaN stays NaN), so that the numerators exp2 makes of them are exactly 0 instead of
+    subnormal; returns them. Why and what it costs: exp2_floor."""
+    return torch.threshold_(exponents, exp2_floor(exponents.dtype), -math.inf)
+
+
 def slopes_over_norms(factors, row_factor, u, scale):
     """The factors with the divisor folded into the slope, (h, None, h'(n) / n, None), where that is
     safe: the chain term then scales the (k, D) rows by a (k,) vector instead of dividing them. Safe
@@ -88,7 +111,8 @@ def normaliser(W, u, target, column, chunks: Chunks, keep_last: bool):
     can reverse (benchmarks/RESULTS.md, "exp or exp2"). The factor log2(e) multiplies the difference
     logit - m, not the logit: its rounding is then relative to the difference (small for the
     probabilities that matter), where scaling the logits themselves would cost eps |logit| in every
-    exponent (0.06 at logits of 1e6 in float32).
+    exponent (0.06 at logits of 1e6 in float32). Arguments at or below exp2_floor are set to -inf
+    first (flush_small_): those numerators are exactly 0, never subnormal (a CPU's slow path).
 
     With ``keep_last`` the two buffers of the last chunk are also returned, the first holding its
     products u W_c^T: the backward pass need not compute them again (for C <= chunk_size: no
@@ -114,7 +138,7 @@ def normaliser(W, u, target, column, chunks: Chunks, keep_last: bool):
             logits.index_put_(targets, minus_inf)
         peak = maxima[index]
         torch.maximum(torch.amax(logits, dim=1, keepdim=True, out=peak), target_column, out=peak)
-        torch.sum(logits.sub_(peak).mul_(LOG2E).exp2_(), dim=1, out=sums[index])
+        torch.sum(flush_small_(logits.sub_(peak).mul_(LOG2E)).exp2_(), dim=1, out=sums[index])
     maxima = maxima.squeeze_(2)
     peak = maxima.amax(dim=0)
     return peak, sums.mul_(maxima.sub_(peak).exp_()).sum(dim=0), kept
@@ -167,7 +191,7 @@ def backward_chunks(W, u, chunks: Chunks, factors, peak, row_factor, scale, need
         # it, it can pass 0 by half an ulp of the logit. Logits that grow with the norms (SphereFace,
         # L-Softmax) are clamped there: e^(ulp/2) is inf past 2e9 in float32 (s cos theta is small).
         probs = torch.addcmul(neg_peak, raw, column, out=exp_blocks[index])
-        (probs.clamp_max_(0.0) if unbounded else probs).mul_(LOG2E).exp2_()
+        flush_small_((probs.clamp_max_(0.0) if unbounded else probs).mul_(LOG2E)).exp2_()
         if chunks.targets[index] is not None:
             probs.index_put_(chunks.targets[index], zero)  # the targets' gradient flows through t instead
         if need_W or need_scale:
@@ -196,4 +220,4 @@ def backward_chunks(W, u, chunks: Chunks, factors, peak, row_factor, scale, need
     return grad_W, grad_scale
 
 
-__all__ = ["LOG2E", "Chunks", "backward_chunks", "normaliser", "slopes_over_norms"]
+__all__ = ["LOG2E", "Chunks", "backward_chunks", "exp2_floor", "flush_small_", "normaliser", "slopes_over_norms"]
