@@ -222,3 +222,12 @@ def check_bounds_pair(low: object, high: object, low_name: str, high_name: str) 
     if not low < high:
         raise ValueError(f"{low_name} must be < {high_name}, got {low_name}={low} >= {high_name}={high}")
     return low, high
+
+
+def check_class_counts(size: int, smallest: float, largest: float) -> None:
+    """Per-class sample counts (adaptive_margins): at least one class, every count finite and > 0
+    (the margins use n^p with p < 0). Called with the counts' size and extremes."""
+    if size == 0:
+        raise ValueError("class_counts must hold one count per class, got none")
+    if not (smallest > 0 and math.isfinite(largest)):
+        raise ValueError(f"class_counts must be finite and > 0, got values in [{smallest}, {largest}]")
