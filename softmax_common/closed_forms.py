@@ -5,8 +5,9 @@ Both packages use these numbers, so they live here once, in plain Python:
 - :func:`arcface_fallback_gap` and :func:`combined_margin_gap`, the cosine gaps the ArcFace and
   combined-margin target transforms subtract past their last monotone angle (the port's psi uses
   them; the reference computes the same gaps by its own formulas in ``refimpl/normalized.py``);
-- :func:`normface_lower_bound` and :func:`cosface_min_scale`, the two bounds of the family, which
-  both packages export under the contract's names.
+- :func:`normface_lower_bound` and :func:`cosface_min_scale`, the two bounds of the family, and
+  :func:`magface_min_lambda_g`, MagFace's least regulariser weight, which both packages export under
+  the contract's names.
 
 Derivations: ``derivations/03-normface.md``, ``04-cosface-am-softmax.md``, ``05-arcface-combined.md``.
 """
