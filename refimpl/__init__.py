@@ -12,6 +12,14 @@ from refimpl.angular import (
     sphereface_loss,
 )
 from refimpl.center import center_loss, center_update
+from refimpl.modern import (
+    adaface_logits,
+    adaface_loss,
+    curricularface_logits,
+    curricularface_loss,
+    magface_logits,
+    magface_loss,
+)
 from refimpl.normalized import (
     am_softmax_logits,
     am_softmax_loss,
@@ -27,8 +35,13 @@ from refimpl.normalized import (
     normface_lower_bound,
 )
 from refimpl.softmax import cross_entropy, distillation_loss, log_softmax, naive_softmax, softmax
+from refimpl.subcenter import adaptive_margins, subcenter_arcface_logits, subcenter_arcface_loss
+from softmax_common.closed_forms import magface_min_lambda_g
 
 __all__ = [
+    "adaface_logits",
+    "adaface_loss",
+    "adaptive_margins",
     "am_softmax_logits",
     "am_softmax_loss",
     "arcface_logits",
@@ -42,11 +55,16 @@ __all__ = [
     "cosface_loss",
     "cosface_min_scale",
     "cross_entropy",
+    "curricularface_logits",
+    "curricularface_loss",
     "distillation_loss",
     "log_softmax",
     "lsoftmax_logits",
     "lsoftmax_loss",
     "lsoftmax_psi",
+    "magface_logits",
+    "magface_loss",
+    "magface_min_lambda_g",
     "naive_softmax",
     "normface_logits",
     "normface_loss",
@@ -54,4 +72,6 @@ __all__ = [
     "softmax",
     "sphereface_logits",
     "sphereface_loss",
+    "subcenter_arcface_logits",
+    "subcenter_arcface_loss",
 ]

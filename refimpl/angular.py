@@ -20,16 +20,16 @@ import autograd.numpy as anp
 import numpy as np
 from autograd.tracer import getval
 
-from refimpl.arrays import as_float64, check_ndim, pick
-from refimpl.geometry import (
-    check_features_weights_labels,
-    cosines,
-    replace_target,
-    row_norms,
-    target_angles,
+from refimpl.arrays import as_float64, check_ndim, pick, split_ignored
+from refimpl.geometry import check_features_weights_labels, cosines, row_norms, target_angles
+from refimpl.margins import margin_loss, with_margin
+from softmax_common.checks import (
+    check_ignore_index,
+    check_margin_grad,
+    check_margin_multiplier,
+    check_nonnegative,
+    check_reduction,
 )
-from refimpl.softmax import cross_entropy
-from softmax_common.checks import check_margin_multiplier, check_nonnegative
 
 
 def _power(v, p: int):
@@ -122,20 +122,26 @@ def lsoftmax_psi(theta, m):
     return (1.0 - 2.0 * (k % 2)) * anp.cos(m * theta) - 2.0 * k
 
 
-def _annealed_logits(x, W, y, m, weight, weight_name: str, keep_weight_norms: bool):
-    """Logits |x| (|W_j|) cos theta_j, the target's cos replaced by (weight * cos + psi) / (1 + weight)."""
+def _annealed_logits(x, W, y, m, weight, weight_name: str, keep_weight_norms: bool, margin_grad, ignore_index):
+    """Logits |x| (|W_j|) cos theta_j, the target's cos replaced by (weight * cos + psi) / (1 + weight).
+
+    "detached" keeps that target logit's value with the gradient of the plain one, |x| (|W_y|) cos
+    theta_y; rows labelled ignore_index keep the plain logits.
+    """
     m = check_margin_multiplier(m)
     weight = check_nonnegative(weight, weight_name)
-    x, W, y = check_features_weights_labels(x, W, y)
+    margin_grad, ignore_index = check_margin_grad(margin_grad), check_ignore_index(ignore_index)
+    x, W, y = check_features_weights_labels(x, W, y, ignore_index)
+    y, kept = split_ignored(y, ignore_index)
     cos = cosines(x, W)
     cos_y = pick(cos, y)
     psi = _psi_from_cosine(cos_y, target_angles(x, W, y), m)
     target = (weight * cos_y + psi) / (1.0 + weight)
-    scale = row_norms(x) * row_norms(W).T if keep_weight_norms else row_norms(x)
-    return scale * replace_target(cos, y, target)
+    scale = row_norms(x) * row_norms(W).T if keep_weight_norms else anp.broadcast_to(row_norms(x), cos.shape)
+    return with_margin(scale * cos, y, kept, pick(scale, y) * target, margin_grad)
 
 
-def lsoftmax_logits(x, W, y, m=4, beta=0.0):
+def lsoftmax_logits(x, W, y, m=4, beta=0.0, margin_grad="exact", ignore_index=-1):
     r"""The (B, C) logits of L-Softmax: :math:`\|W_j\|\|x\|\cos\theta_j`, the target's with the margin.
 
     .. math::
@@ -147,15 +153,17 @@ def lsoftmax_logits(x, W, y, m=4, beta=0.0):
         x: (B, D) features. W: (C, D) class weights (no bias). y: (B,) labels in [0, C).
         m: the angular multiplier, an integer in [1, 16] (m = 1 is plain softmax of W x).
         beta: the annealing weight >= 0: 0 is the full margin, beta -> infinity the plain logits.
+        margin_grad: "exact" or "detached" (the target logit's value, the gradient of W_y^T x).
+        ignore_index: a negative integer (default -1) or None; those rows keep the plain logits.
 
     References:
         Liu et al., "Large-Margin Softmax Loss for Convolutional Neural Networks", ICML 2016, eqs. (5)-(7)
         and section 5 (the beta annealing).
     """
-    return _annealed_logits(x, W, y, m, beta, "beta", keep_weight_norms=True)
+    return _annealed_logits(x, W, y, m, beta, "beta", True, margin_grad, ignore_index)
 
 
-def lsoftmax_loss(x, W, y, m=4, beta=0.0, reduction="mean"):
+def lsoftmax_loss(x, W, y, m=4, beta=0.0, reduction="mean", margin_grad="exact", ignore_index=-1):
     r"""L-Softmax: softmax cross-entropy of :func:`lsoftmax_logits`.
 
     .. math::
@@ -168,7 +176,9 @@ def lsoftmax_loss(x, W, y, m=4, beta=0.0, reduction="mean"):
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
         m: integer in [1, 16] (default 4). beta: >= 0 (default 0, the full margin).
-        reduction: "mean" (over the batch), "sum" or "none".
+        reduction: "mean" (over the rows not ignored), "sum" or "none" (0 for an ignored row).
+        margin_grad: "exact" (default) or "detached". ignore_index: a negative integer (default -1)
+        or None.
 
     Returns:
         The loss: a scalar, or (B,) for ``reduction="none"``.
@@ -176,10 +186,12 @@ def lsoftmax_loss(x, W, y, m=4, beta=0.0, reduction="mean"):
     References:
         Liu, Wen, Yu, Yang, "Large-Margin Softmax Loss for Convolutional Neural Networks", ICML 2016.
     """
-    return cross_entropy(lsoftmax_logits(x, W, y, m, beta), y, reduction)
+    reduction = check_reduction(reduction)
+    logits = lsoftmax_logits(x, W, y, m, beta, margin_grad, ignore_index)
+    return margin_loss(logits, y, check_ignore_index(ignore_index), reduction)
 
 
-def sphereface_logits(x, W, y, m=4, lamb=0.0):
+def sphereface_logits(x, W, y, m=4, lamb=0.0, margin_grad="exact", ignore_index=-1):
     r"""The (B, C) logits of A-Softmax: :math:`\|x\|\cos\theta_j` (W normalised, no bias), the target's
     with the margin.
 
@@ -192,15 +204,17 @@ def sphereface_logits(x, W, y, m=4, lamb=0.0):
         x: (B, D) features. W: (C, D) class weights; only their directions matter. y: (B,) labels.
         m: the angular multiplier, an integer in [1, 16] (default 4).
         lamb: the annealing weight lambda >= 0: 0 is the full margin.
+        margin_grad: "exact" or "detached" (the target logit's value, the gradient of |x| cos theta_y).
+        ignore_index: a negative integer (default -1) or None; those rows keep the plain logits.
 
     References:
         Liu et al., "SphereFace: Deep Hypersphere Embedding for Face Recognition", CVPR 2017, eq. (7)
         and the released margin_inner_product layer (lambda).
     """
-    return _annealed_logits(x, W, y, m, lamb, "lamb", keep_weight_norms=False)
+    return _annealed_logits(x, W, y, m, lamb, "lamb", False, margin_grad, ignore_index)
 
 
-def sphereface_loss(x, W, y, m=4, lamb=0.0, reduction="mean"):
+def sphereface_loss(x, W, y, m=4, lamb=0.0, reduction="mean", margin_grad="exact", ignore_index=-1):
     r"""A-Softmax (SphereFace): softmax cross-entropy of :func:`sphereface_logits`.
 
     .. math::
@@ -212,7 +226,9 @@ def sphereface_loss(x, W, y, m=4, lamb=0.0, reduction="mean"):
     Args:
         x: (B, D) features. W: (C, D) class weights. y: (B,) labels in [0, C).
         m: integer in [1, 16] (default 4). lamb: >= 0 (default 0, the full margin).
-        reduction: "mean" (over the batch), "sum" or "none".
+        reduction: "mean" (over the rows not ignored), "sum" or "none" (0 for an ignored row).
+        margin_grad: "exact" (default) or "detached". ignore_index: a negative integer (default -1)
+        or None.
 
     Returns:
         The loss: a scalar, or (B,) for ``reduction="none"``.
@@ -220,7 +236,9 @@ def sphereface_loss(x, W, y, m=4, lamb=0.0, reduction="mean"):
     References:
         Liu, Wen, Yu, Li, Raj, Song, "SphereFace: Deep Hypersphere Embedding for Face Recognition", CVPR 2017.
     """
-    return cross_entropy(sphereface_logits(x, W, y, m, lamb), y, reduction)
+    reduction = check_reduction(reduction)
+    logits = sphereface_logits(x, W, y, m, lamb, margin_grad, ignore_index)
+    return margin_loss(logits, y, check_ignore_index(ignore_index), reduction)
 
 
 __all__ = [

@@ -10,7 +10,7 @@ import autograd.numpy as anp
 import numpy as np
 from autograd.tracer import getval, isbox
 
-from softmax_common.checks import check_reduction
+from softmax_common.checks import check_reduction, label_range_message
 
 
 def as_float64(a, name: str):
@@ -37,20 +37,31 @@ def check_ndim(a, name: str, ndim: int | None = None, min_ndim: int = 0):
     return shape
 
 
-def check_labels(y, batch: int, num_classes: int, name: str = "y") -> np.ndarray:
-    """Integer labels of shape (batch,) with every value in [0, num_classes)."""
+def check_labels(y, batch: int, num_classes: int, name: str = "y", ignore_index: int | None = None) -> np.ndarray:
+    """Integer labels of shape (batch,) with every value in [0, num_classes), or equal to
+    ``ignore_index`` (a negative integer, already checked, or None) for a row to skip."""
     y = np.asarray(getval(y))
     if not np.issubdtype(y.dtype, np.integer):
         raise TypeError(f"{name} must be an integer array of class indices, got dtype {y.dtype}")
     if y.shape != (batch,):
         raise ValueError(f"{name} must have shape ({batch},) to match the batch, got {y.shape}")
-    if y.size and (y.min() < 0 or y.max() >= num_classes):
-        raise ValueError(f"{name} must lie in [0, {num_classes}), got values in [{y.min()}, {y.max()}]")
+    kept = y if ignore_index is None else y[y != ignore_index]
+    if kept.size and (kept.min() < 0 or kept.max() >= num_classes):
+        raise ValueError(label_range_message(name, num_classes, kept.min(), kept.max(), ignore_index))
     return y.astype(np.intp, copy=False)
 
 
-def check_features_table_labels(x, table, y, table_name: str):
-    """Features x (B, D), a per-class table (C, D) (weights W or centers) and labels y (B,).
+def split_ignored(y, ignore_index: int | None):
+    """(labels, kept) for checked labels: ``kept`` marks the rows whose label is not ``ignore_index``,
+    and the ignored rows' labels become 0, a valid index, so that every row can be computed alike
+    and the ignored ones masked out at the end (:func:`reduce_kept`)."""
+    kept = np.ones(len(y), dtype=bool) if ignore_index is None else np.asarray(y) != ignore_index
+    return np.where(kept, y, 0), kept
+
+
+def check_features_table_labels(x, table, y, table_name: str, ignore_index: int | None = None):
+    """Features x (B, D), a per-class table (C, D) (weights W or centers) and labels y (B,), which may
+    equal ``ignore_index`` where given.
 
     Returns x and the table as float64 arrays and the labels as integers (None when y is None).
     """
@@ -62,7 +73,7 @@ def check_features_table_labels(x, table, y, table_name: str):
         raise ValueError(
             f"{table_name} must have shape (C, {dim}) to match x's feature dimension, got {(classes, width)}"
         )
-    return x, table, None if y is None else check_labels(y, batch, classes)
+    return x, table, None if y is None else check_labels(y, batch, classes, ignore_index=ignore_index)
 
 
 def pick(matrix, y):
@@ -78,3 +89,14 @@ def reduce_loss(per_sample, reduction: str):
     if reduction == "sum":
         return anp.sum(per_sample)
     return per_sample
+
+
+def reduce_kept(per_sample, kept, reduction: str):
+    """:func:`reduce_loss` over the kept rows: the ignored rows give 0 (and no gradient) for "none",
+    "mean" divides by the number of kept rows, and a batch with none kept gives 0.0 for "mean" and
+    "sum" (nothing to learn from, rather than 0/0)."""
+    reduction = check_reduction(reduction)
+    masked = anp.where(kept, per_sample, 0.0)
+    if reduction == "mean":
+        return anp.sum(masked) / max(int(np.count_nonzero(kept)), 1)
+    return anp.sum(masked) if reduction == "sum" else masked

@@ -75,9 +75,10 @@ def normalize_rows(v):
     return anp.where(long, scaled / anp.where(long, size, 1.0), v / NORM_EPS)
 
 
-def check_features_weights_labels(x, W, y):
-    """Validate (x, W, y) for a margin loss and return them as float64 arrays and integer labels."""
-    return check_features_table_labels(x, W, y, "W")
+def check_features_weights_labels(x, W, y, ignore_index=None):
+    """Validate (x, W, y) for a margin loss and return them as float64 arrays and integer labels
+    (labels equal to ``ignore_index``, a checked negative integer or None, pass)."""
+    return check_features_table_labels(x, W, y, "W", ignore_index)
 
 
 def cosines(x, W):

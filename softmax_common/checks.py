@@ -147,29 +147,93 @@ def check_combined_margins(m1: object, m2: object, m3: object) -> tuple[float, f
     return m1, m2, m3
 
 
-# How a margin loss differentiates its target transform (the "Modern margins" contract).
+# ---------------------------------------------------------------------------------------------
+# The modern margins: gradient convention, ignored labels, per-sample margins
+# ---------------------------------------------------------------------------------------------
+
+
 MARGIN_GRADS = ("exact", "detached")
 
 
 def check_margin_grad(margin_grad: object) -> str:
-    """``"exact"`` (the derivative of the margin logit, the default) or ``"detached"`` (the margin's
-    value with the gradient of the un-margined logit s cos theta_y, as insightface's arcface_torch)."""
+    """``"exact"`` (the derivative of the margin transform) or ``"detached"`` (the transform's value
+    with the gradient of the un-margined logit, as insightface's arcface_torch computes it)."""
     if margin_grad not in MARGIN_GRADS:
         raise ValueError(f"margin_grad must be one of {MARGIN_GRADS}, got {margin_grad!r}")
     return margin_grad  # type: ignore[return-value]
 
 
 def check_ignore_index(ignore_index: object) -> int | None:
-    """The label of rows to skip: None (skip nothing) or a negative int (default -1, as insightface
-    and Partial FC mark samples to skip). Negative only, so it can never name a class: a class index
-    is in [0, C)."""
+    """A negative integer (insightface and Partial FC mark rows to skip with -1), or None for none.
+
+    A class index (>= 0) is refused: a class equal to ignore_index could never be trained, and
+    whether it is one depends on C, which this check does not see.
+    """
     if ignore_index is None:
         return None
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be None or a negative int, got {type(ignore_index).__name__}")
+        raise TypeError(f"ignore_index must be a negative integer or None, got {type(ignore_index).__name__}")
     if ignore_index >= 0:
-        raise ValueError(f"ignore_index must be None or a negative int (class indices are >= 0), got {ignore_index}")
+        raise ValueError(
+            f"ignore_index must be a negative integer or None (a class index would make that class "
+            f"untrainable), got {ignore_index}"
+        )
     return int(ignore_index)
+
+
+def label_range_message(
+    name: str, num_classes: int, smallest: int, largest: int, ignore_index: int | None, low: int = 0
+) -> str:
+    """The message for labels outside [low, C) (low is 0, or -1 on the engine's primitive, where -1
+    marks a target held by another shard): smallest and largest are over the rows not ignored."""
+    skipped = "" if ignore_index is None else f" (rows labelled ignore_index={ignore_index} are skipped)"
+    return f"{name} must lie in [{low}, {num_classes}), got values in [{smallest}, {largest}]{skipped}"
+
+
+def check_margin_vector_shape(shape: tuple[int, ...], batch: int, name: str = "m") -> None:
+    """A margin given as an array holds one margin per sample: shape (batch,)."""
+    if tuple(shape) != (batch,):
+        raise ValueError(
+            f"{name} must be a number or an array of shape ({batch},) (one margin per sample), got shape {tuple(shape)}"
+        )
+
+
+def check_subcenters(k: object, rows: int) -> int:
+    """Sub-centres per class: an integer k >= 1 that divides the number of rows of W (C*k)."""
+    k = check_positive_int(k, "k")
+    if rows % k:
+        raise ValueError(f"W must have a multiple of k = {k} rows (k sub-centres per class), got {rows} rows")
+    return k
+
+
+def check_margin_range(
+    low: object, high: object, low_name: str = "m_min", high_name: str = "m_max"
+) -> tuple[float, float]:
+    """Two angular margins (radians, each in [0, pi/2]) with low <= high (the least and the largest
+    margin of adaptive_margins, MagFace's l_m and u_m)."""
+    low = check_angular_margin(low, low_name)
+    high = check_angular_margin(high, high_name)
+    if low > high:
+        raise ValueError(f"{low_name} must be <= {high_name}, got {low_name}={low} > {high_name}={high}")
+    return low, high
+
+
+def check_bounds_pair(low: object, high: object, low_name: str, high_name: str) -> tuple[float, float]:
+    """Two finite numbers with 0 < low < high (MagFace's feature-norm bounds l_a < u_a)."""
+    low = check_positive(low, low_name)
+    high = check_positive(high, high_name)
+    if not low < high:
+        raise ValueError(f"{low_name} must be < {high_name}, got {low_name}={low} >= {high_name}={high}")
+    return low, high
+
+
+def check_class_counts(size: int, smallest: float, largest: float) -> None:
+    """Per-class sample counts (adaptive_margins): at least one class, every count finite and > 0
+    (the margins use n^p with p < 0). Called with the counts' size and extremes."""
+    if size == 0:
+        raise ValueError("class_counts must hold one count per class, got none")
+    if not (smallest > 0 and math.isfinite(largest)):
+        raise ValueError(f"class_counts must be finite and > 0, got values in [{smallest}, {largest}]")
 
 
 def check_margin_extremes(smallest: object, largest: object, check, name: str) -> None:

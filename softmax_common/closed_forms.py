@@ -5,8 +5,9 @@ Both packages use these numbers, so they live here once, in plain Python:
 - :func:`arcface_fallback_gap` and :func:`combined_margin_gap`, the cosine gaps the ArcFace and
   combined-margin target transforms subtract past their last monotone angle (the port's psi uses
   them; the reference computes the same gaps by its own formulas in ``refimpl/normalized.py``);
-- :func:`normface_lower_bound` and :func:`cosface_min_scale`, the two bounds of the family, which
-  both packages export under the contract's names.
+- :func:`normface_lower_bound` and :func:`cosface_min_scale`, the two bounds of the family, and
+  :func:`magface_min_lambda_g`, MagFace's least regulariser weight, which both packages export under
+  the contract's names.
 
 Derivations: ``derivations/03-normface.md``, ``04-cosface-am-softmax.md``, ``05-arcface-combined.md``.
 """
@@ -16,7 +17,14 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
-from softmax_common.checks import check_interval, check_positive, check_positive_int
+from softmax_common.checks import (
+    check_bounds_pair,
+    check_interval,
+    check_margin_range,
+    check_positive,
+    check_positive_int,
+    check_scale,
+)
 
 # The angle where Delta * sin(Delta) peaks on [0, pi]: the root of sin(D) + D cos(D) = 0 in (pi/2, pi).
 # Past it the first-order cosine gap of the combined margin's extension is held at its peak, so the
@@ -117,3 +125,38 @@ def cosface_min_scale(C, p) -> float:
     C = check_positive_int(C, "C", minimum=2)
     p = check_interval(p, "p", 0.0, 1.0, low_open=True, high_open=True)
     return (C - 1) / C * math.log((C - 1) * p / (1.0 - p))
+
+
+def magface_min_lambda_g(s, l_a, u_a, l_m, u_m) -> float:
+    r"""The least regulariser weight lambda_g of MagFace's convergence argument.
+
+    .. math::
+
+        \lambda_g \ge \frac{s\,k\,u_a^2 l_a^2}{u_a^2 - l_a^2}, \qquad k = \frac{u_m - l_m}{u_a - l_a}
+
+    The per-sample loss in the feature norm a is L(a) = CE(m(a)) + lambda_g g(a) with m(a) = l_m +
+    k (a - l_a) and g(a) = a / u_a^2 + 1 / a. d CE / d m = s (1 - p_y) sin(theta + m) lies in [0, s),
+    so d CE / d a lies in [0, s k); g is convex with g'(u_a) = 0 and its steepest descent at l_a,
+    g'(l_a) = -(u_a^2 - l_a^2) / (u_a^2 l_a^2). At this lambda_g the regulariser's pull at l_a
+    outweighs any push of the cross-entropy (L'(l_a) < 0 <= L'(u_a)), so the optimal norm lies inside
+    [l_a, u_a], the premise of the paper's convergence and monotonicity results. With the defaults
+    (s = 64, 10, 110, 0.45, 0.8) it is 22.59: the run script's 35 satisfies it, the trainer's
+    argument default of 20 does not.
+
+    Args:
+        s: scale in (0, 1e4]. l_a < u_a: the feature-norm bounds (> 0).
+        l_m <= u_m: the margins at l_a and u_a, radians in [0, pi/2].
+
+    Returns:
+        The bound as a Python float.
+
+    References:
+        Meng, Zhao, Jiang, Wang, Zhou, "MagFace: A Universal Representation for Face Recognition and
+        Quality Assessment", CVPR 2021; IrvingMeng/MagFace ``run/trainer.py`` (``main``: the
+        ``min_lambda`` check, with s fixed at 64 there).
+    """
+    s = check_scale(s)
+    l_a, u_a = check_bounds_pair(l_a, u_a, "l_a", "u_a")
+    l_m, u_m = check_margin_range(l_m, u_m, "l_m", "u_m")
+    slope = (u_m - l_m) / (u_a - l_a)
+    return s * slope * u_a**2 * l_a**2 / (u_a**2 - l_a**2)

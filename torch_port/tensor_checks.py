@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from softmax_common.checks import MAX_SCALE, check_positive_int, check_reduction, check_scale
+from softmax_common.checks import MAX_SCALE, check_positive_int, check_reduction, check_scale, label_range_message
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -103,9 +103,9 @@ def checks_on_device(t: torch.Tensor) -> bool:
     return t.device.type != "cpu"
 
 
-def _assert_labels_on_device(y: torch.Tensor, name: str, low: int, num_classes: int, also: str = "") -> torch.Tensor:
+def _assert_labels_on_device(y: torch.Tensor, name: str, low: int, num_classes: int) -> torch.Tensor:
     """The range check as a device-side assertion; returns the labels as int64 (exact where valid)."""
-    message = f"{name} must lie in [{low}, {num_classes}){also} (a device-side check: see torch_port.set_value_checks)"
+    message = f"{name} must lie in [{low}, {num_classes}) (a device-side check: see torch_port.set_value_checks)"
     if y.dtype == torch.uint64:  # unsigned order through the flipped top bit, as in _label_range
         flipped = torch.bitwise_xor(y.view(torch.int64), _TOP_BIT)
         torch._assert_async((flipped < _TOP_BIT + num_classes).all(), message)
@@ -149,19 +149,25 @@ def check_labels(
         check_same_device(same_device_as, (name, y))
     if y.device.type == "meta":
         raise ValueError(f"{name} is on the meta device, which holds no values; put the labels on a real device")
-    also = f" or equal ignore_index={ignore}" if ignore is not None and y.dtype.is_signed else ""
-    kept_labels = None
     if ignore is not None and y.dtype.is_signed:
-        # The range is checked with the ignored rows read as `low`; the labels returned keep them.
-        kept_labels = y.long()
-        y = torch.where(kept_labels == ignore, low, kept_labels)
+        # The range is checked over the rows not ignored; the labels returned keep the ignored ones.
+        labels = y.long()
+        kept = labels != ignore
+        if checks_on_device(labels):
+            _assert_labels_on_device(torch.where(kept, labels, low), name, low, num_classes)
+            return labels
+        top, bottom = torch.iinfo(torch.int64).max, torch.iinfo(torch.int64).min
+        ends = torch.stack([torch.where(kept, labels, top).min(), torch.where(kept, labels, bottom).max()])
+        smallest, largest = ends.tolist()
+        if (smallest < low or largest >= num_classes) and smallest != top:
+            raise ValueError(label_range_message(name, num_classes, smallest, largest, ignore, low))
+        return labels
     if checks_on_device(y):
-        checked = _assert_labels_on_device(y, name, low, num_classes, also)
-        return checked if kept_labels is None else kept_labels
+        return _assert_labels_on_device(y, name, low, num_classes)
     y, smallest, largest = _label_range(y)
     if smallest < low or largest >= num_classes:
-        raise ValueError(f"{name} must lie in [{low}, {num_classes}){also}, got values in [{smallest}, {largest}]")
-    return y.long() if kept_labels is None else kept_labels
+        raise ValueError(label_range_message(name, num_classes, smallest, largest, None, low))
+    return y.long()
 
 
 def check_features_table_labels(x, table, y, table_name: str, low: int = 0):
