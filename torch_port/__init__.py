@@ -11,6 +11,8 @@ from torch_port.angular_heads import LSoftmax, MarginSchedule, SphereFace
 from torch_port.center import CenterLoss
 from torch_port.distillation import DistillationLoss
 from torch_port.distributed import ShardedMarginHead
+from torch_port.modern import adaptive_margins, margin_logits_from_cosines
+from torch_port.modern_heads import ElasticArcFace, ElasticCosFace, SubCenterArcFace
 from torch_port.normalized_heads import AMSoftmax, ArcFace, CombinedMargin, CosFace, NormFace
 from torch_port.tensor_checks import set_value_checks
 
@@ -21,12 +23,17 @@ __all__ = [
     "CombinedMargin",
     "CosFace",
     "DistillationLoss",
+    "ElasticArcFace",
+    "ElasticCosFace",
     "LSoftmax",
     "MarginSchedule",
     "NormFace",
     "ShardedMarginHead",
     "SphereFace",
+    "SubCenterArcFace",
     "__version__",
+    "adaptive_margins",
     "functional",
+    "margin_logits_from_cosines",
     "set_value_checks",
 ]

@@ -16,12 +16,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from softmax_common.checks import check_margin_multiplier, check_nonnegative, check_positive_int
+from softmax_common.checks import check_margin_grad, check_margin_multiplier, check_nonnegative, check_positive_int
 from torch_port.angular import lsoftmax_config, sphereface_config
 from torch_port.checkpoint_checks import AtomicLoad
 from torch_port.engine import MarginConfig, margin_cross_entropy
 from torch_port.heads import MarginHead
 from torch_port.keyword_only import keyword_hyperparameters
+from torch_port.margins import with_margin_grad
 
 
 class MarginSchedule(AtomicLoad, nn.Module):
@@ -118,26 +119,26 @@ class _AnnealedMarginHead(MarginHead):
     per optimizer step: divide gamma by k to keep the released pace.
     """
 
-    def __init__(self, num_classes, dim, m, schedule, *, reduction, chunk_size, device, dtype) -> None:
-        m = check_margin_multiplier(m)
+    def __init__(self, num_classes, dim, m, schedule, *, margin_grad, reduction, chunk_size, ignore_index, **where):
+        m, margin_grad = check_margin_multiplier(m), check_margin_grad(margin_grad)
         if not isinstance(schedule, MarginSchedule):
             raise TypeError(f"schedule must be a MarginSchedule, got {type(schedule).__name__}")
-        super().__init__(num_classes, dim, reduction=reduction, chunk_size=chunk_size, device=device, dtype=dtype)
-        self.m = m
+        options = dict(reduction=reduction, chunk_size=chunk_size, ignore_index=ignore_index)
+        super().__init__(num_classes, dim, **options, **where)
+        self.m, self.margin_grad = m, margin_grad
         self.schedule = schedule
 
     def _config(self, m: int, weight: float | torch.Tensor) -> MarginConfig:
         raise NotImplementedError
 
     def margin_config(self) -> MarginConfig:
-        return self._config(self.m, self.schedule.weight())
+        return with_margin_grad(self._config(self.m, self.schedule.weight()), self.margin_grad)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not self.training:
             self.check_features(x)
-            return margin_cross_entropy(
-                x, self.weight, y, self.inference_config(), self.reduction, chunk_size=self.chunk_size
-            )
+            config = self.inference_config()
+            return margin_cross_entropy(x, self.weight, y, config, self.reduction, self.chunk_size, self.ignore_index)
         loss = super().forward(x, y)
         if torch.is_grad_enabled():
             self.schedule.step()
@@ -164,7 +165,8 @@ class LSoftmax(_AnnealedMarginHead):
         m: the angular multiplier, an integer in [1, 16] (default 4).
         schedule: the beta schedule; None (the default) creates :meth:`MarginSchedule.lsoftmax`, the
             released MNIST one, new for each head (a shared default would share its counter).
-        reduction, chunk_size, device, dtype: as :class:`torch_port.heads.MarginHead`.
+        margin_grad: "exact" (default) or "detached" (torch_port/margins.py).
+        reduction, chunk_size, ignore_index, device, dtype: as :class:`torch_port.heads.MarginHead`.
 
     References:
         Liu, Wen, Yu, Yang, "Large-Margin Softmax Loss for Convolutional Neural Networks", ICML 2016.
@@ -178,14 +180,17 @@ class LSoftmax(_AnnealedMarginHead):
         *,
         m: int = 4,
         schedule: MarginSchedule | None = None,
+        margin_grad: str = "exact",
         reduction: str = "mean",
         chunk_size: int | None = None,
+        ignore_index: int | None = -1,
         device=None,
         dtype=None,
     ) -> None:
         schedule = MarginSchedule.lsoftmax() if schedule is None else schedule
-        options = dict(reduction=reduction, chunk_size=chunk_size, device=device, dtype=dtype)
-        super().__init__(num_classes, dim, m=m, schedule=schedule, **options)
+        options = dict(reduction=reduction, chunk_size=chunk_size, ignore_index=ignore_index)
+        options.update(device=device, dtype=dtype)
+        super().__init__(num_classes, dim, m=m, schedule=schedule, margin_grad=margin_grad, **options)
 
     def reset_parameters(self) -> None:
         nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="relu")
@@ -210,7 +215,8 @@ class SphereFace(_AnnealedMarginHead):
         m: the angular multiplier, an integer in [1, 16] (default 4).
         schedule: the lambda schedule; None (the default) creates :meth:`MarginSchedule.sphereface`,
             the released one, new for each head.
-        reduction, chunk_size, device, dtype: as :class:`torch_port.heads.MarginHead`.
+        margin_grad: "exact" (default) or "detached" (torch_port/margins.py).
+        reduction, chunk_size, ignore_index, device, dtype: as :class:`torch_port.heads.MarginHead`.
 
     References:
         Liu, Wen, Yu, Li, Raj, Song, "SphereFace: Deep Hypersphere Embedding for Face Recognition", CVPR 2017.
@@ -224,14 +230,17 @@ class SphereFace(_AnnealedMarginHead):
         *,
         m: int = 4,
         schedule: MarginSchedule | None = None,
+        margin_grad: str = "exact",
         reduction: str = "mean",
         chunk_size: int | None = None,
+        ignore_index: int | None = -1,
         device=None,
         dtype=None,
     ) -> None:
         schedule = MarginSchedule.sphereface() if schedule is None else schedule
-        options = dict(reduction=reduction, chunk_size=chunk_size, device=device, dtype=dtype)
-        super().__init__(num_classes, dim, m=m, schedule=schedule, **options)
+        options = dict(reduction=reduction, chunk_size=chunk_size, ignore_index=ignore_index)
+        options.update(device=device, dtype=dtype)
+        super().__init__(num_classes, dim, m=m, schedule=schedule, margin_grad=margin_grad, **options)
 
     def _config(self, m: int, weight: float | torch.Tensor) -> MarginConfig:
         return sphereface_config(m, weight)

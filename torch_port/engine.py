@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 import torch
 
-from softmax_common.checks import check_ignore_index, check_reduction
+from softmax_common.checks import check_ignore_index, check_reduction, check_subcenters
 from torch_port.chunked import chunked_lse_and_target
 from torch_port.geometry import (
     NORM_EPS,
@@ -73,10 +73,7 @@ def check_inputs(x, W, y=None, *, absent: bool = False, subcenters: int = 1, ign
     rows to skip (kept in the labels returned).
     """
     check_features_table_labels(x, W, None, "W")
-    if W.shape[0] % subcenters:
-        raise ValueError(
-            f"W must have a multiple of k={subcenters} rows (k sub-centres per class), got {W.shape[0]} rows"
-        )
+    check_subcenters(subcenters, W.shape[0])
     if y is None:
         return None
     low = ABSENT if absent else 0

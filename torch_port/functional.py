@@ -13,6 +13,11 @@ from torch_port.angular import (
     sphereface_loss,
 )
 from torch_port.center import center_loss, center_update
+from torch_port.modern import (
+    adaptive_margins,
+    subcenter_arcface_logits,
+    subcenter_arcface_loss,
+)
 from torch_port.normalized import (
     am_softmax_logits,
     am_softmax_loss,
@@ -30,6 +35,7 @@ from torch_port.normalized import (
 from torch_port.softmax import cross_entropy, distillation_loss, log_softmax, naive_softmax, softmax
 
 __all__ = [
+    "adaptive_margins",
     "am_softmax_logits",
     "am_softmax_loss",
     "arcface_logits",
@@ -55,4 +61,6 @@ __all__ = [
     "softmax",
     "sphereface_logits",
     "sphereface_loss",
+    "subcenter_arcface_logits",
+    "subcenter_arcface_loss",
 ]

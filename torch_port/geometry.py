@@ -353,7 +353,27 @@ def target_logits(
     if isinstance(factor, torch.Tensor) and factor.dim() == 2:
         factor = factor[:, 0]
     logits = factor * psi
+    if getattr(config.target, "detached_margin", False):  # margin_grad="detached" (torch_port/margins.py)
+        logits = value_with_gradient_of(logits, factor * cos_y)
     return logits if present is None else torch.where(present, logits, 0.0)
+
+
+class _ValueWithGradientOf(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value, surrogate):
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad
+
+
+def value_with_gradient_of(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
+    """``value`` to the bit, with the gradient of ``surrogate`` (same shape): the "detached" margin
+    convention, value = S psi with the gradient of the un-margined S cos theta_y. (surrogate +
+    (value - surrogate).detach() would round the value.) Differentiable twice: its backward is the
+    identity on the cotangent."""
+    return _ValueWithGradientOf.apply(value, surrogate)
 
 
 def plain_lse_and_target(
@@ -398,4 +418,5 @@ __all__ = [
     "target_rows",
     "unit_rows",
     "upcast",
+    "value_with_gradient_of",
 ]

@@ -107,19 +107,21 @@ class CombinedMarginTarget:
 
 @dataclass(frozen=True)
 class DetachedMargin:
-    """``margin_grad="detached"``: the value of the wrapped transform psi with the gradient of the
-    cosine, cos + stop_gradient(psi - cos), so d logit_y / d cos theta_y = s everywhere (the fallback
-    and the easy margin's switch included: they change the value only)."""
+    """``margin_grad="detached"``: marks the wrapped transform psi so that the engine gives the target
+    logit S psi the gradient of the un-margined S cos theta_y (value kept to the bit,
+    :func:`torch_port.geometry.value_with_gradient_of`): d logit_y / d cos theta_y = s everywhere, the
+    fallback and the easy margin's switch included (they change the value only), and for SphereFace
+    and L-Softmax the gradient of |x| (|W_y|) cos theta_y. Called, it is psi itself."""
 
     inner: object
+    detached_margin = True  # a class attribute, read by torch_port.geometry.target_logits
 
     @property
     def takes_norms(self) -> bool:
         return getattr(self.inner, "takes_norms", False)
 
     def __call__(self, cos_y: torch.Tensor, theta_y: torch.Tensor, *norms: torch.Tensor) -> torch.Tensor:
-        value = self.inner(cos_y, theta_y, *norms)
-        return cos_y + (value - cos_y).detach()
+        return self.inner(cos_y, theta_y, *norms)
 
 
 def with_margin_grad(config: MarginConfig, margin_grad: str) -> MarginConfig:

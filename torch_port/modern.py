@@ -20,9 +20,9 @@ import math
 
 import torch
 
-from softmax_common.checks import check_angular_margin, check_ignore_index, check_interval
+from softmax_common.checks import check_class_counts, check_ignore_index, check_interval, check_margin_range
 from torch_port.engine import ABSENT, MarginConfig, ignored_rows, margin_cross_entropy, margin_logits
-from torch_port.geometry import logit_scale
+from torch_port.geometry import logit_scale, value_with_gradient_of
 from torch_port.margins import subcenter_arcface_config
 from torch_port.row_params import check_row_tensors
 from torch_port.tensor_checks import check_float_tensor, check_labels, compute_dtype
@@ -104,8 +104,9 @@ def adaptive_margins(class_counts, m_min: float = 0.05, m_max: float = 0.5, p: f
     .. math:: m_j = (m_{max} - m_{min}) \frac{n_j^p - \min_k n_k^p}{\max_k n_k^p - \min_k n_k^p} + m_{min}
 
     With p < 0 the smallest class gets m_max and the largest m_min. When every class has the same
-    size (max = min) the fraction is 0/0: every class gets m_min (the margin of a class of the most
-    common size, which every class then is). Margins are angles in radians.
+    size (max = min) the fraction is 0/0: every class gets m_max (as the reference decides), so
+    balanced data trains as plain ArcFace with its usual margin (the default m_max = 0.5 is ArcFace's
+    m). Margins are angles in radians.
 
     Args:
         class_counts: (C,) sample counts n_j > 0: a tensor (integer or floating) or a sequence.
@@ -120,22 +121,20 @@ def adaptive_margins(class_counts, m_min: float = 0.05, m_max: float = 0.5, p: f
         Ha, Song, Shin, Jung, Park, "Google Landmark Recognition 2020 Competition Third Place
         Solution", arXiv:2010.05350 (dynamic margins, their eq. (1)).
     """
-    m_min, m_max = check_angular_margin(m_min, "m_min"), check_angular_margin(m_max, "m_max")
-    if m_min > m_max:
-        raise ValueError(f"m_min must be <= m_max, got m_min={m_min}, m_max={m_max}")
+    m_min, m_max = check_margin_range(m_min, m_max)
     p = check_interval(p, "p", -math.inf, math.inf, low_open=True, high_open=True)
     counts = class_counts if isinstance(class_counts, torch.Tensor) else torch.as_tensor(class_counts)
-    if counts.dtype == torch.bool or counts.is_complex() or counts.dim() != 1 or counts.numel() == 0:
-        shape = tuple(counts.shape)
-        raise ValueError(f"class_counts must be a non-empty 1-d sequence of counts, got {shape} {counts.dtype}")
+    if counts.dtype == torch.bool or counts.is_complex() or counts.dim() != 1:
+        raise ValueError(f"class_counts must be a 1-d sequence of counts, got {tuple(counts.shape)} {counts.dtype}")
     counts = counts.detach().to(torch.float64)
-    if not bool(torch.isfinite(counts).all()) or not bool((counts > 0).all()):
-        low, high = counts.min().item(), counts.max().item()
-        raise ValueError(f"class_counts must be finite and > 0, got values in [{low}, {high}]")
+    extremes = torch.stack(torch.aminmax(counts)).tolist() if counts.numel() else [math.nan, math.nan]
+    if bool(torch.isnan(counts).any()):
+        extremes = [math.nan, math.nan]
+    check_class_counts(counts.numel(), *extremes)
     powered = counts**p
     low, high = powered.min(), powered.max()
     if bool(high == low):
-        return torch.full_like(counts, m_min)
+        return torch.full_like(counts, m_max)
     return (m_max - m_min) * (powered - low) / (high - low) + m_min
 
 
@@ -193,9 +192,12 @@ def margin_logits_from_cosines(
             psi = cos_y
         else:
             psi = config.target(cos_y, theta_y)
+        target = psi * scale
+        if getattr(config.target, "detached_margin", False):
+            target = value_with_gradient_of(target, cos_y * scale)
         if kept is not None:
-            psi = torch.where(kept, psi, cos_y)
-        return (cos * scale).scatter(1, rows[:, None], (psi * scale)[:, None])
+            target = torch.where(kept, target, cos_y * scale)
+        return (cos * scale).scatter(1, rows[:, None], target[:, None])
 
 
 __all__ = ["adaptive_margins", "margin_logits_from_cosines", "subcenter_arcface_logits", "subcenter_arcface_loss"]

@@ -15,6 +15,7 @@ import dataclasses
 
 import torch
 
+from softmax_common.checks import check_margin_vector_shape
 from torch_port.geometry import MarginConfig
 
 
@@ -59,10 +60,7 @@ def rows_of_config(config: MarginConfig, rows) -> MarginConfig:
 def check_row_tensors(config: MarginConfig, batch: int, x: torch.Tensor) -> None:
     """Every per-row tensor of the configuration holds one value per row of the batch, on x's device."""
     for name, value in row_tensors(config.target):
-        if tuple(value.shape) != (batch,):
-            raise ValueError(
-                f"{name} must be a number or hold one value per sample, shape ({batch},), got {tuple(value.shape)}"
-            )
+        check_margin_vector_shape(tuple(value.shape), batch, name)
         if value.device != x.device:
             raise ValueError(f"{name} must be on x's device ({x.device}), got {value.device}")
 
