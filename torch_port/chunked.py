@@ -45,12 +45,12 @@ from torch_port.chunked_generic import checkpointed_lse_and_target, needs_generi
 from torch_port.geometry import (
     MarginConfig,
     norm_factors,
-    plain_lse_and_target,
     row_norms,
     target_logits,
     unit_rows,
     upcast,
 )
+from torch_port.plain_path import plain_lse_and_target
 from torch_port.row_params import rows_of_config
 from torch_port.tensor_checks import compute_dtype
 
@@ -59,7 +59,12 @@ FEATURE_BLOCK_BYTES = {"cpu": 2**17, "cuda": 2**26}
 
 
 def chunked_lse_and_target(
-    x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, config: MarginConfig, chunk_size: int
+    x: torch.Tensor,
+    W: torch.Tensor,
+    y: torch.Tensor,
+    config: MarginConfig,
+    chunk_size: int,
+    thresholds: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""The engine's primitive, per row (B,): the log-sum-exp over W's classes and the target logit,
     walking the classes in chunks of ``chunk_size``.
@@ -84,6 +89,9 @@ def chunked_lse_and_target(
             term in its log-sum-exp, target 0).
         config: the loss as an engine configuration.
         chunk_size: classes per chunk, an int >= 1 (any value; larger than C means one chunk).
+        thresholds: the per-row thresholds of absent rows for a configuration that modulates
+            non-target logits (torch_port/plain_path.py); such configurations, and sub-centres,
+            take the checkpointed path of torch_port/chunked_generic.py.
 
     Returns:
         ``(lse, target)``, both (B,) in the compute dtype (float32, or float64 for float64 inputs).
@@ -94,7 +102,7 @@ def chunked_lse_and_target(
         Milakov & Gimelshein, "Online normalizer calculation for softmax", 2018.
     """
     if needs_generic_path(config):
-        return checkpointed_lse_and_target(x, W, y, config, int(chunk_size))
+        return checkpointed_lse_and_target(x, W, y, config, int(chunk_size), thresholds)
     scale = 1.0 if config.scale is None else config.scale
     return _ChunkedLseAndTarget.apply(x, W, scale, y, config, int(chunk_size))
 

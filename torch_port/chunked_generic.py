@@ -1,13 +1,16 @@
-r"""The chunked path for configurations the hand-written chunk loops do not cover: sub-centres.
+r"""The chunked path for configurations the hand-written chunk loops do not cover: sub-centres and
+modulated non-target logits (CurricularFace).
 
 The loops of torch_port/chunk_loops.py are written for logits that are a per-class factor times a
 product, c_j (u_i . W_j): one weight row per class and no transform of the non-target logits. A
-configuration with k > 1 weight rows per class (Sub-center ArcFace: a class's cosine is the
-largest of its k rows', ``MarginConfig.subcenters``) is computed here, with the same memory bound
-and the same values to rounding, by ordinary autograd over class chunks, each chunk under
-activation checkpointing (``torch.utils.checkpoint``, non-reentrant): the forward keeps per chunk
-two (B,) vectors, its maximum m_c and its sum of exponentials S_c, and the backward recomputes
-the chunk's (B, k c) cosines to differentiate them. Chunks are cut at whole classes (k rows each).
+configuration with k > 1 weight rows per class (Sub-center ArcFace: a class's cosine is the largest
+of its k rows', ``MarginConfig.subcenters``), or whose non-target cosines are modulated from a per-
+row threshold of the target side (CurricularFace, torch_port/plain_path.py), is computed here, with
+the same memory bound and the same values to rounding, by ordinary autograd over class chunks, each
+chunk under activation checkpointing (``torch.utils.checkpoint``, non-reentrant): the forward keeps
+per chunk two (B,) vectors, its maximum m_c and its sum of exponentials S_c, and the backward
+recomputes the chunk's (B, k c) cosines to differentiate them. Chunks are cut at whole classes (k
+rows each).
 
 .. math::
 
@@ -36,12 +39,14 @@ from torch_port.geometry import (
     unit_rows,
     upcast,
 )
+from torch_port.plain_path import modulates_negatives, target_thresholds
 from torch_port.tensor_checks import compute_dtype
 
 
 def needs_generic_path(config: MarginConfig) -> bool:
-    """Whether the configuration goes through this module rather than the hand-written chunk loops."""
-    return config.subcenters > 1
+    """Whether the configuration goes through this module rather than the hand-written chunk loops:
+    sub-centres, or non-target logits modulated from the target side (CurricularFace)."""
+    return config.subcenters > 1 or modulates_negatives(config)
 
 
 def target_rows_of(x_hat: torch.Tensor, W: torch.Tensor, y: torch.Tensor, k: int, dtype) -> torch.Tensor:
@@ -54,14 +59,16 @@ def target_rows_of(x_hat: torch.Tensor, W: torch.Tensor, y: torch.Tensor, k: int
     return y * k + best
 
 
-def _chunk_normaliser(x_hat, block, local, scale, config: MarginConfig, dtype):
+def _chunk_normaliser(x_hat, block, local, scale, config: MarginConfig, dtype, thresholds):
     """(m_c, S_c) of one chunk of classes: the maximum of the row's non-target logits there (0 if
     none) and the sum of their exponentials after subtracting it; ``local`` the target's column in
-    the chunk, -1 where the target is elsewhere."""
+    the chunk, -1 where the target is elsewhere; ``thresholds`` (B,) for a modulating configuration."""
     w_hat, _ = unit_rows(upcast(block, dtype))
     cos = cosines(x_hat, w_hat)
     if config.subcenters > 1:
         cos = pooled_cosines(cos, config.subcenters)
+    if thresholds is not None:
+        cos = config.target.hard_negatives(cos, thresholds)
     logits = cos * scale
     column = local.clamp_min(0)[:, None]
     masked = torch.where(local >= 0, -math.inf, logits.gather(1, column)[:, 0])
@@ -72,7 +79,12 @@ def _chunk_normaliser(x_hat, block, local, scale, config: MarginConfig, dtype):
 
 
 def checkpointed_lse_and_target(
-    x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, config: MarginConfig, chunk_size: int
+    x: torch.Tensor,
+    W: torch.Tensor,
+    y: torch.Tensor,
+    config: MarginConfig,
+    chunk_size: int,
+    thresholds: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The engine's primitive (lse, target), (B,) each, over W's classes ``chunk_size`` classes at a
     time under activation checkpointing; arguments checked and autocast disabled by the engine."""
@@ -85,12 +97,18 @@ def checkpointed_lse_and_target(
     labels = y.clamp_min(0)
     w_hat_y, w_norm_y = unit_rows(upcast(W[target_rows_of(x_hat, W, labels, k, dtype)], dtype))
     target = target_logits(x_hat, x_norm, w_hat_y, w_norm_y, config, present)
+    if modulates_negatives(config):
+        own = target_thresholds(x_hat, x_norm, w_hat_y, w_norm_y, config, present)
+        thresholds = own if thresholds is None else torch.where(present, own, thresholds.to(own.dtype))
+    else:
+        thresholds = None
     scale = logit_scale(config, None, None)
     peaks, sums = [], []
     for index, block in enumerate(W.split(chunk_size * k)):
         start, stop = index * chunk_size, index * chunk_size + block.shape[0] // k
         local = torch.where(present & (y >= start) & (y < stop), y - start, -1)
-        peak, total = checkpoint(_chunk_normaliser, x_hat, block, local, scale, config, dtype, use_reentrant=False)
+        arguments = (x_hat, block, local, scale, config, dtype, thresholds)
+        peak, total = checkpoint(_chunk_normaliser, *arguments, use_reentrant=False)
         peaks.append(peak)
         sums.append(total)
     peaks, sums = torch.stack(peaks), torch.stack(sums)

@@ -46,13 +46,19 @@ from torch_port.geometry import (
     Geometry,
     MarginConfig,
     TargetFn,
-    plain_lse_and_target,
     target_cos_and_angle,
     unit_rows,
     upcast,
 )
+from torch_port.plain_path import margin_free_logits, plain_lse_and_target
 from torch_port.row_params import check_row_tensors
-from torch_port.tensor_checks import check_chunk_size, check_features_table_labels, check_labels, reduce_loss
+from torch_port.tensor_checks import (
+    check_chunk_size,
+    check_features_table_labels,
+    check_labels,
+    compute_dtype,
+    reduce_loss,
+)
 
 # The label that says "this row's target class is not among the classes given" (lse_and_target).
 ABSENT = -1
@@ -94,6 +100,14 @@ def ignored_rows(y: torch.Tensor, ignore_index: int | None) -> tuple[torch.Tenso
     return torch.where(kept, y, ABSENT), kept
 
 
+def penalty_of(x: torch.Tensor, config: MarginConfig) -> torch.Tensor:
+    """The configuration's per-sample penalty (B,) from the features' norms (MagFace's regulariser),
+    in the compute dtype with autocast disabled."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        _, norms = unit_rows(upcast(x, compute_dtype(("x", x))))
+        return config.penalty(norms[:, 0])
+
+
 def plain_logits(x: torch.Tensor, W: torch.Tensor, config: MarginConfig) -> torch.Tensor:
     """Margin-free logits S_ij * cos theta_ij (B, C): what a head gives at inference."""
     check_inputs(x, W, subcenters=config.subcenters)
@@ -111,8 +125,8 @@ def margin_logits(
     labels, kept = ignored_rows(y, ignore_index)
     with torch.autocast(device_type=x.device.type, enabled=False):
         geo = Geometry(x, W)
-        logits = geo.logits(config)
         rows = labels.clamp_min(0)
+        logits = margin_free_logits(geo, rows, config, labels >= 0)
         target = geo.target_logits(rows, config, kept)
         if kept is not None:
             target = torch.where(kept, target, logits.gather(1, rows[:, None])[:, 0])
@@ -128,6 +142,7 @@ def lse_and_target(
     chunk_size: int | None = None,
     *,
     validate: bool = True,
+    thresholds: torch.Tensor | None = None,
 ) -> LseAndTarget:
     r"""The engine's primitive: per row, the log-sum-exp over W's classes and the target logit.
 
@@ -149,6 +164,9 @@ def lse_and_target(
             create_graph=True, is exact but recomputes through the plain path's memory).
         validate: check shapes, dtypes, devices and the label range first (reads two numbers back
             from the device). A caller that has checked them already passes False.
+        thresholds: for a configuration that modulates non-target logits (CurricularFace), the
+            per-row thresholds (B,) of rows whose target is absent (the sharded path has them from
+            the rank holding the target); None: +inf there (torch_port/plain_path.py).
 
     Returns:
         ``LseAndTarget(lse, target)``, both (B,) in the compute dtype (float32 for float32 and half
@@ -160,8 +178,8 @@ def lse_and_target(
         check_config_rows(config, x)
     with torch.autocast(device_type=x.device.type, enabled=False):
         if chunk_size is not None:
-            return LseAndTarget(*chunked_lse_and_target(x, W, y, config, chunk_size))
-        return LseAndTarget(*plain_lse_and_target(x, W, y, config))
+            return LseAndTarget(*chunked_lse_and_target(x, W, y, config, chunk_size, thresholds))
+        return LseAndTarget(*plain_lse_and_target(x, W, y, config, thresholds))
 
 
 def margin_cross_entropy(
@@ -190,6 +208,8 @@ def margin_cross_entropy(
     labels, kept = ignored_rows(y, ignore_index)
     lse, target = lse_and_target(x, W, labels, config, chunk_size, validate=False)
     per_sample = lse - target
+    if config.penalty is not None:
+        per_sample = per_sample + penalty_of(x, config)
     if kept is not None:
         per_sample = torch.where(kept, per_sample, 0.0)
     return reduce_loss(per_sample, reduction, kept)
@@ -207,6 +227,7 @@ __all__ = [
     "lse_and_target",
     "margin_cross_entropy",
     "margin_logits",
+    "penalty_of",
     "plain_logits",
     "target_cos_and_angle",
     "unit_rows",

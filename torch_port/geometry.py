@@ -11,9 +11,8 @@ NormFace, CosFace/AM-Softmax, ArcFace and the combined margin use a fixed s and 
 SphereFace keeps |x_i|; L-Softmax keeps |x_i| |W_j|. This module owns the pieces every path of the
 engine (plain, chunked, sharded) builds on: normalisation (:func:`unit_rows`), the scale S
 (:func:`logit_scale`), the (B, C) logits of the plain path (:class:`Geometry`), the target
-logits computed from the rows W[y] alone (:func:`target_logits`), and the plain path's primitive
-(:func:`plain_lse_and_target`; the chunked path differentiates it for second derivatives). It
-imports nothing else of the port.
+logits computed from the rows W[y] alone (:func:`target_logits`). The plain path's primitive is
+in torch_port/plain_path.py. This module imports nothing else of the port.
 
 Numerics: normalisation divides by max(|v|, NORM_EPS), so a zero row is a zero unit vector (cosine
 0 with everything). Where sqrt(sum v^2) would overflow (past 1.8e19 in float32) or lose digits
@@ -58,11 +57,16 @@ class MarginConfig:
         k - 1 are class j's, and cos theta_ij is the largest cosine of x_i with them (the target's
         angle is that of the arg-max row). 1: one row per class.
 
+    penalty: a per-sample term added to each row's cross-entropy, a function of the features'
+        norms |x_i| (B,) (MagFace's lambda_g g(a_i)); None: none. It is not a logit: the primitive
+        does not see it, the losses add it (torch_port/engine.py, the sharded loss).
+
     Two optional protocols of ``target`` (see :func:`target_logits`): a transform with
     ``takes_norms = True`` is called as psi(cos_y, theta_y, |x|) with the features' norms (B,)
     (AdaFace, MagFace); a transform that is a dataclass with (B,)-shaped tensor fields holds one
     value per row (per-sample margins): every path restricts or gathers those fields with the rows
-    (torch_port/row_params.py).
+    (torch_port/row_params.py). A third, ``modulates_negatives = True`` (CurricularFace), changes the
+    non-target logits too, from a per-row threshold of the target side: see torch_port/plain_path.py.
     """
 
     target: TargetFn | None = None
@@ -70,6 +74,7 @@ class MarginConfig:
     feature_norm: bool = False
     weight_norm: bool = False
     subcenters: int = 1
+    penalty: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def unit_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -376,28 +381,6 @@ def value_with_gradient_of(value: torch.Tensor, surrogate: torch.Tensor) -> torc
     return _ValueWithGradientOf.apply(value, surrogate)
 
 
-def plain_lse_and_target(
-    x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, config: MarginConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The engine's primitive on the plain path: per row (B,), the log-sum-exp over the (B, C) logits
-    with the target's margin applied, and the target logit (0 where y_i = -1); arguments already
-    checked, autocast already disabled (see :func:`torch_port.engine.lse_and_target`). Ordinary
-    autograd all the way, so it is differentiable any number of times.
-    """
-    geo = Geometry(x, W)
-    present = y >= 0
-    rows = y.clamp_min(0)  # absent rows read class 0's column and put it back unchanged
-    logits = geo.logits(config)
-    target = geo.target_logits(rows, config, present)
-    kept = logits.gather(1, rows[:, None])[:, 0]
-    logits = logits.scatter(1, rows[:, None], torch.where(present, target, kept)[:, None])
-    # log sum exp with the row maximum held out of the graph: the gradient is e^{z - M} / sum (M
-    # cancels exactly), which keeps M's rounding out of every probability.
-    peak = logits.detach().amax(dim=1, keepdim=True)
-    lse = peak[:, 0] + torch.log(torch.exp(logits - peak).sum(dim=1))
-    return lse, target
-
-
 __all__ = [
     "NORM_EPS",
     "Geometry",
@@ -407,7 +390,6 @@ __all__ = [
     "host_reads_are_free",
     "logit_scale",
     "norm_factors",
-    "plain_lse_and_target",
     "plain_norms_suffice",
     "pooled_cosines",
     "row_norms",
