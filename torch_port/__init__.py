@@ -7,6 +7,7 @@ and state (buffers), so ``state_dict()`` round-trips a training run.
 __version__ = "0.2.0.dev0"  # the distribution's version (pyproject.toml reads it from here)
 
 from torch_port import functional
+from torch_port.adaptive_heads import AdaFace, CurricularFace, MagFace
 from torch_port.angular_heads import LSoftmax, MarginSchedule, SphereFace
 from torch_port.center import CenterLoss
 from torch_port.distillation import DistillationLoss
@@ -18,14 +19,17 @@ from torch_port.tensor_checks import set_value_checks
 
 __all__ = [
     "AMSoftmax",
+    "AdaFace",
     "ArcFace",
     "CenterLoss",
     "CombinedMargin",
     "CosFace",
+    "CurricularFace",
     "DistillationLoss",
     "ElasticArcFace",
     "ElasticCosFace",
     "LSoftmax",
+    "MagFace",
     "MarginSchedule",
     "NormFace",
     "ShardedMarginHead",

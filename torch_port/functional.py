@@ -4,6 +4,15 @@ Every function takes tensors, checks its arguments before computing anything, an
 least float32 (float16/bfloat16 inputs are upcast; the loss comes back in float32).
 """
 
+from torch_port.adaptive import (
+    adaface_logits,
+    adaface_loss,
+    curricularface_logits,
+    curricularface_loss,
+    magface_logits,
+    magface_loss,
+    magface_min_lambda_g,
+)
 from torch_port.angular import (
     cos_m_theta,
     lsoftmax_logits,
@@ -35,6 +44,8 @@ from torch_port.normalized import (
 from torch_port.softmax import cross_entropy, distillation_loss, log_softmax, naive_softmax, softmax
 
 __all__ = [
+    "adaface_logits",
+    "adaface_loss",
     "adaptive_margins",
     "am_softmax_logits",
     "am_softmax_loss",
@@ -49,11 +60,16 @@ __all__ = [
     "cosface_loss",
     "cosface_min_scale",
     "cross_entropy",
+    "curricularface_logits",
+    "curricularface_loss",
     "distillation_loss",
     "log_softmax",
     "lsoftmax_logits",
     "lsoftmax_loss",
     "lsoftmax_psi",
+    "magface_logits",
+    "magface_loss",
+    "magface_min_lambda_g",
     "naive_softmax",
     "normface_logits",
     "normface_loss",

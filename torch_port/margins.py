@@ -21,6 +21,7 @@ the two.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -120,6 +121,13 @@ class DetachedMargin:
     def takes_norms(self) -> bool:
         return getattr(self.inner, "takes_norms", False)
 
+    def __getattr__(self, name: str):
+        # The rest of the wrapped transform's protocol (CurricularFace's modulates_negatives,
+        # threshold, hard_negatives): only the target's gradient is changed, hard negatives keep theirs.
+        if name == "inner" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
     def __call__(self, cos_y: torch.Tensor, theta_y: torch.Tensor, *norms: torch.Tensor) -> torch.Tensor:
         return self.inner(cos_y, theta_y, *norms)
 
@@ -128,13 +136,7 @@ def with_margin_grad(config: MarginConfig, margin_grad: str) -> MarginConfig:
     """The configuration under the gradient convention ``margin_grad`` ("exact" or "detached")."""
     if check_margin_grad(margin_grad) == "exact" or config.target is None:
         return config
-    return MarginConfig(
-        target=DetachedMargin(config.target),
-        scale=config.scale,
-        feature_norm=config.feature_norm,
-        weight_norm=config.weight_norm,
-        subcenters=config.subcenters,
-    )
+    return dataclasses.replace(config, target=DetachedMargin(config.target))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,8 +222,7 @@ def subcenter_arcface_config(s, m, k, easy_margin, margin_grad: str = "exact") -
     """Sub-center ArcFace: ArcFace over the classes' pooled cosines (the largest of each class's k
     weight rows), k >= 1 an int."""
     config = arcface_config(s, m, easy_margin, margin_grad)
-    k = check_positive_int(k, "k")
-    return MarginConfig(target=config.target, scale=config.scale, subcenters=k)
+    return dataclasses.replace(config, subcenters=check_positive_int(k, "k"))
 
 
 __all__ = [

@@ -38,9 +38,10 @@ def target_thresholds(x_hat, x_norm, w_hat_y, w_norm_y, config: MarginConfig, pr
         return torch.where(present, config.target.threshold(cos_y, theta_y), math.inf)
 
 
-def thresholds_of(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, config: MarginConfig) -> torch.Tensor:
-    """The thresholds (B,) of :func:`target_thresholds` from features, weights and labels (-1:
-    absent, +inf), reading only the rows W[y]: what the sharded path's owner ranks compute."""
+def target_side(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, config: MarginConfig):
+    """(cos theta_y, threshold) per row, (B,) each, no gradient, reading only the rows W[y] (k rows
+    per class for sub-centres); 0 and +inf where y is -1 (absent). The threshold is +inf too when the
+    configuration modulates nothing. What the sharded path's owner ranks compute for the others."""
     with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
         dtype = compute_dtype(("x", x), ("W", W))
         present, rows = y >= 0, y.clamp_min(0)
@@ -48,7 +49,13 @@ def thresholds_of(x: torch.Tensor, W: torch.Tensor, y: torch.Tensor, config: Mar
         candidates = (rows[:, None] * k + torch.arange(k, device=y.device)).flatten()
         geo = Geometry(x.detach().to(dtype), W.detach()[candidates].to(dtype))
         local = target_rows(geo.x_hat, geo.w_hat, torch.arange(x.shape[0], device=y.device), k)
-        return target_thresholds(geo.x_hat, geo.x_norm, geo.w_hat[local], geo.w_norm[local], config, present)
+        w_hat, w_norm = geo.w_hat[local], geo.w_norm[local]
+        unit = ((geo.x_norm > 0) & (w_norm > 0))[:, 0]
+        cos_y, _ = target_cos_and_angle(geo.x_hat, w_hat, unit)
+        cos_y = torch.where(present, cos_y, 0.0)
+        if not modulates_negatives(config):
+            return cos_y, torch.full_like(cos_y, math.inf)
+        return cos_y, target_thresholds(geo.x_hat, geo.x_norm, w_hat, w_norm, config, present)
 
 
 def plain_lse_and_target(
@@ -93,6 +100,6 @@ __all__ = [
     "margin_free_logits",
     "modulates_negatives",
     "plain_lse_and_target",
+    "target_side",
     "target_thresholds",
-    "thresholds_of",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -57,8 +59,12 @@ class ShardedMarginHead(nn.Module):
             registers it as ``self.scale`` (so the optimizer and ``state_dict`` see it) and each
             rank's copy receives the whole gradient.
         reduction, sample_rate, feature_grad_scale, chunk_size, generator, group, ignore_index: as
-            :func:`sharded_margin_cross_entropy`. A configuration with k sub-centres per class
-            (``subcenter_arcface_config``) makes ``weight`` ((class_end - class_start) k, dim).
+            :func:`sharded_margin_cross_entropy`.
+        statistics: the batch statistics of a stateful head (``CurricularFace(...).statistics``,
+            ``AdaFace(...).statistics``; ``from_head`` copies them): updated from the global batch in
+            training forwards, the same on every rank; their configuration replaces ``config``.
+            A configuration with k sub-centres per class (``subcenter_arcface_config``) makes
+            ``weight`` ((class_end - class_start) k, dim).
         device, dtype: where and in which dtype to create ``weight``.
 
     References:
@@ -80,11 +86,18 @@ class ShardedMarginHead(nn.Module):
         generator: torch.Generator | None = None,
         group=None,
         ignore_index: int | None = -1,
+        statistics: nn.Module | None = None,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         self.ignore_index = check_ignore_index(ignore_index)
+        if statistics is not None and not (hasattr(statistics, "update") and hasattr(statistics, "margin_config")):
+            raise TypeError(f"statistics must be a head's statistics module (update, margin_config), got {statistics}")
+        # A stateful head's batch statistics (CurricularFace's t, AdaFace's norm mean and std): a
+        # submodule, so its buffers are saved, loaded and moved with the shard; updated from the
+        # global batch in training forwards, and its configuration replaces ``config`` in every call.
+        self.statistics = statistics
         if not isinstance(config, MarginConfig):
             raise TypeError(f"config must be a torch_port.engine.MarginConfig, got {type(config).__name__}")
         self.rank, self.world_size = rank_and_world(group)
@@ -131,6 +144,7 @@ class ShardedMarginHead(nn.Module):
             reduction=head.reduction,
             chunk_size=head.chunk_size,
             ignore_index=head.ignore_index,
+            statistics=copy.deepcopy(head.statistics) if hasattr(head, "statistics") else None,
             group=group,
             device=head.weight.device,
             dtype=head.weight.dtype,
@@ -142,12 +156,17 @@ class ShardedMarginHead(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, mean=0.0, std=0.01)
 
+    def current_config(self) -> MarginConfig:
+        """The configuration of the next call: ``config``, or the statistics' current one."""
+        return self.config if self.statistics is None else self.statistics.margin_config()
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        updating = self.statistics is not None and self.training and torch.is_grad_enabled()
         loss, kept = sharded_loss(
             x,
             self.weight,
             y,
-            self.config,
+            self.current_config(),
             num_classes=self.num_classes,
             reduction=self.reduction,
             sample_rate=self.sample_rate if self.training else 1.0,
@@ -157,15 +176,15 @@ class ShardedMarginHead(nn.Module):
             group=self.group,
             owner=type(self).__name__,
             ignore_index=self.ignore_index,
+            statistics=self.statistics if updating else None,
         )
         self.last_kept_classes = kept
         return loss
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Margin-free logits (B_r, C) of this rank's samples, all classes (a collective)."""
-        return sharded_logits(
-            x, self.weight, self.config, num_classes=self.num_classes, group=self.group, owner=type(self).__name__
-        )
+        config, owner = self.current_config(), type(self).__name__
+        return sharded_logits(x, self.weight, config, num_classes=self.num_classes, group=self.group, owner=owner)
 
     # --- checkpoints ---
 

@@ -31,6 +31,7 @@ GPU and under torch.compile it is a device-side assertion: torch_port.set_value_
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.distributed as dist
@@ -45,7 +46,8 @@ from torch_port.distributed.collectives import (
     rank_and_world,
     sum_over_ranks,
 )
-from torch_port.engine import ABSENT, MarginConfig, lse_and_target, plain_logits, upcast
+from torch_port.engine import ABSENT, MarginConfig, lse_and_target, penalty_of, plain_logits, unit_rows, upcast
+from torch_port.plain_path import modulates_negatives, target_side
 from torch_port.row_params import map_row_tensors
 from torch_port.tensor_checks import check_chunk_size, compute_dtype, reduce_loss
 
@@ -87,9 +89,12 @@ def sharded_loss(
     group,
     owner=None,
     ignore_index=ABSENT,
+    statistics=None,
 ):
     """The loss and, when sampling, the global indices of the classes this rank kept (else None).
-    ``owner``: the module that owns W, for the error of x of another width (see ``check_local``)."""
+    ``owner``: the module that owns W, for the error of x of another width (see ``check_local``).
+    ``statistics``: a head's batch statistics (torch_port/adaptive_heads.py), updated from the global
+    batch before the margins are computed; its ``margin_config()`` then replaces ``config``."""
     rank, world = rank_and_world(group)
     local_error, metadata = None, {}
     try:
@@ -137,13 +142,20 @@ def sharded_loss(
             k = config.subcenters  # a kept class keeps its k rows
             W_used = W[kept] if k == 1 else W.view(-1, k, W.shape[1])[kept].reshape(-1, W.shape[1])
             labels = torch.where(owned, column_of[labels.clamp_min(0)], ABSENT)
+        thresholds = None
+        if statistics is not None or modulates_negatives(config):
+            config, thresholds = _global_target_side(x_all, W_used, y_all, labels, owned, config, statistics, group)
         scale = config.scale
         if isinstance(scale, torch.Tensor) and scale.requires_grad:
             # Every rank holds a copy of a learned scale and sees only its classes' share of ds.
             scale = all_reduce_grad(scale, group, average=False)
         local_config = dataclasses.replace(config, scale=scale)
-        lse, target = lse_and_target(x_all, W_used, labels, local_config, chunk_size, validate=False)
+        lse, target = lse_and_target(
+            x_all, W_used, labels, local_config, chunk_size, validate=False, thresholds=thresholds
+        )
         log_normaliser = log_sum_exp_over_ranks(lse, group)
+        if config.penalty is not None:  # each row's penalty (MagFace), from the rank that holds its class
+            target = target - torch.where(owned, penalty_of(x_all, config), 0.0)
         target = sum_over_ranks(target, group)
         per_sample = all_reduce_grad(log_normaliser - target, group, average=True)
         counted = None if ignore_index is None else y_all != ignore_index
@@ -151,6 +163,24 @@ def sharded_loss(
             per_sample = torch.where(counted, per_sample, 0.0)
         kept_global = None if kept is None else kept + start
         return reduce_loss(per_sample, reduction, counted), kept_global
+
+
+def _global_target_side(x_all, W_used, y_all, labels, owned, config, statistics, group):
+    """What every shard needs from the target side, computed by the rank holding each row's class and
+    summed over the ranks (one all-reduce of a (2, B) tensor, no gradient): cos theta_y, for a head's
+    statistics (CurricularFace's t, taken over the global batch), and the thresholds of a
+    configuration that modulates non-target logits (+inf for rows no rank holds: ignored ones).
+    Returns the configuration to use (the statistics' own, once updated) and the thresholds."""
+    cos_y, thresholds = target_side(x_all, W_used, labels, config)
+    both = torch.stack([cos_y, torch.where(owned, thresholds, 0.0)])
+    dist.all_reduce(both, group=group)
+    valid = y_all >= 0  # a class index: held by exactly one rank (ignored rows are negative)
+    if statistics is not None:
+        with torch.no_grad():
+            _, norms = unit_rows(x_all.detach())
+            statistics.update(norms[:, 0], both[0], valid)
+        config = statistics.margin_config()
+    return config, torch.where(valid, both[1], math.inf)
 
 
 def sharded_margin_cross_entropy(
