@@ -128,7 +128,8 @@ def test_every_functional_margin_loss_compiles_with_fullgraph(record):
 
 def test_labels_out_of_range_are_caught_inside_a_compiled_step():
     """The range check becomes a device-side assertion under torch.compile: still an error, with
-    the argument named, rather than a graph break (or, for a label of -1, a silently absent target)."""
+    the argument named, rather than a graph break (or, for a label of -2, a silently absent target).
+    A label of -1 (ignore_index) is skipped inside the graph as in eager code."""
     x, W, _ = problem(2)
 
     def loss(x, W, y):
@@ -137,7 +138,10 @@ def test_labels_out_of_range_are_caught_inside_a_compiled_step():
     torch._dynamo.reset()
     compiled = compiled_without_breaks(loss)
     assert torch.isfinite(compiled(x, W, torch.zeros(8, dtype=torch.int64)))
-    for bad in (10, -1):
+    ignored = torch.arange(8) % 10
+    ignored[[2, 5]] = -1
+    torch.testing.assert_close(compiled(x, W, ignored), loss(x, W, ignored))
+    for bad in (10, -2):
         y = torch.zeros(8, dtype=torch.int64)
         y[3] = bad
         with pytest.raises(RuntimeError, match=r"y must lie in \[0, 10\)"):
