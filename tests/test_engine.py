@@ -129,7 +129,10 @@ def test_labels_are_checked():
     with pytest.raises(ValueError, match=r"y must lie in \[-1, 4\)"):
         lse_and_target(x, W, torch.tensor([-2, 0]), MarginConfig(scale=2.0))
     with pytest.raises(ValueError, match=r"y must lie in \[0, 4\)"):
-        margin_cross_entropy(x, W, torch.tensor([ABSENT, 0]), MarginConfig(scale=2.0))
+        margin_cross_entropy(x, W, torch.tensor([-2, 0]), MarginConfig(scale=2.0))
+    # the loss skips -1 by default (ignore_index); without it, -1 is refused like any other
+    with pytest.raises(ValueError, match=r"y must lie in \[0, 4\), got values in \[-1, 0\]$"):
+        margin_cross_entropy(x, W, torch.tensor([ABSENT, 0]), MarginConfig(scale=2.0), ignore_index=None)
     with pytest.raises(ValueError, match="chunk_size"):
         lse_and_target(x, W, torch.tensor([0, 1]), MarginConfig(), chunk_size=0)
 
