@@ -16,6 +16,7 @@ import csv
 import math
 import re
 import statistics
+import struct
 
 import numpy as np
 import pytest
@@ -145,6 +146,24 @@ def test_roc_figure_file(full_run):
     _, out = full_run
     assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "open set: 4 rotations" in (out / "table.md").read_text(encoding="utf-8")
+
+
+def test_three_classes_need_rotations_zero(tmp_path):
+    """IDX files of three classes: the open set is refused with a hint, before anything is written;
+    rotations=0 trains the closed set alone."""
+    data = tmp_path / "three"
+    data.mkdir()
+    labels = np.arange(24, dtype=np.uint8) % 3
+    images = np.random.default_rng(0).integers(0, 256, size=(24, 4, 4), dtype=np.uint8)
+    for name, array in (("train-images-idx3-ubyte", images), ("train-labels-idx1-ubyte", labels)):
+        header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", n) for n in array.shape)
+        (data / name).write_bytes(header + array.tobytes())
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"at least 4 classes .* have 3; use rotations=0"):
+        demo.run_demo("softmax", epochs=1, data=data, out=out, progress=False)
+    assert not out.exists()
+    run = demo.run_demo("softmax", epochs=1, data=data, rotations=0, out=out, progress=False)
+    assert run.results[0].open_set == ()
 
 
 def test_rotations_zero_is_the_closed_set_alone(tmp_path):

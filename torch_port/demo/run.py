@@ -94,6 +94,11 @@ def _open_set_groups(num_classes: int, seed: int, count: int | None) -> tuple[tu
     """The first ``count`` rotations' held-out classes (all for None, none for 0)."""
     if count == 0:
         return ()
+    if num_classes < 4:
+        raise ValueError(
+            f"rotations: the open set needs at least 4 classes (2 held out, 2 to train on), the data have "
+            f"{num_classes}; use rotations=0 (--rotations 0) for none"
+        )
     groups = rotation_groups(num_classes, seed)
     if count is not None and count > len(groups):
         raise ValueError(
