@@ -17,6 +17,7 @@ import math
 import re
 import statistics
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -258,3 +259,19 @@ def test_roc_figure_is_one_labelled_panel_on_a_log_axis():
         np.testing.assert_array_equal(softmax_line.get_xdata(), FAR_GRID)
     finally:
         plt.close(fig)
+
+
+def test_committed_open_set_summary_is_the_mean_and_range_of_the_committed_rotations():
+    """docs/demo/table.csv's open-set columns against docs/demo/openset.csv (two decimals there, one here)."""
+    docs = Path(__file__).resolve().parent.parent / "docs" / "demo"
+    _, summary = read_csv(docs / "table.csv")
+    _, rotations = read_csv(docs / "openset.csv")
+    assert [row["loss"] for row in summary] == list(demo.LOSS_TITLES.values())
+    for row in summary:
+        mine = [r for r in rotations if r["loss"] == row["loss"]]
+        assert sorted({r["seed"] for r in mine}) == sorted(str(seed) for seed in demo.parse_seeds(row["seeds"]))
+        for key, column in zip(OPEN_KEYS, ("auc", "tar_at_far", "eer")):
+            values = [float(r[column]) for r in mine]
+            assert abs(float(row[f"{key}_min"]) - min(values)) <= 0.05 + 1e-9, (row["loss"], key)
+            assert abs(float(row[f"{key}_max"]) - max(values)) <= 0.05 + 1e-9, (row["loss"], key)
+            assert abs(float(row[f"{key}_mean"]) - statistics.mean(values)) <= 0.055 + 1e-9, (row["loss"], key)
