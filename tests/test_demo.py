@@ -50,6 +50,8 @@ def read_markdown_table(path):
 
 def check_row(row: dict[str, str]) -> None:
     assert 0.0 <= float(row["accuracy"]) <= 100.0
+    for key in ("open_auc", "open_tar", "open_eer"):  # one rotation by default: one number
+        assert 0.0 <= float(row[key]) <= 100.0
     assert 0.0 <= float(row["intra_class_angle_deg"]) <= 180.0
     assert 0.0 <= float(row["min_center_angle_deg"]) <= 180.0
     assert float(row["train_time_s"]) >= 0.0
@@ -66,7 +68,7 @@ def smoke_run(tmp_path_factory):
 def test_smoke_run_writes_figures_and_tables(smoke_run):
     out, status = smoke_run
     assert status == 0
-    for name in ("arcface.png", "grid.png"):
+    for name in ("arcface.png", "grid.png", "roc.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
 
     fields, rows = read_csv(out / "table.csv")
@@ -313,7 +315,8 @@ def test_progress_off_a_terminal_is_one_line_per_loss(tmp_path, capsys):
     assert "\r" not in err
     lines = err.strip().splitlines()
     assert len(lines) == 2, err
-    assert re.fullmatch(r"\s*Softmax: 2 epochs, loss \d+\.\d{3}, \d+\.\d s", lines[0]), lines[0]
+    pattern = r"\s*Softmax: 2 epochs, loss \d+\.\d{3}, \d+\.\d s; open set: 1 rotation, \d+\.\d s"
+    assert re.fullmatch(pattern, lines[0]), lines[0]
 
 
 def test_every_loss_has_settings_a_title_and_a_head():

@@ -48,6 +48,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "and range (min-max) over them, runs.csv every run, and the figures show the first seed"
         ),
     )
+    open_set = parser.add_mutually_exclusive_group()
+    open_set.add_argument(
+        "--rotations",
+        type=int,
+        default=1,
+        metavar="N",
+        help=(
+            "open set: for each loss, also train N times without a group of held-out classes and verify pairs "
+            "of their images (default 1: train on 7 digits, verify the other 3; 0: no open set)"
+        ),
+    )
+    open_set.add_argument(
+        "--full",
+        action="store_const",
+        const="all",
+        dest="rotations",
+        help="open set: every rotation, so that each class is held out once (4 with the digits' 10 classes)",
+    )
     parser.add_argument(
         "--device",
         default="auto",
@@ -78,6 +96,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         out=args.out,
         data=args.data,
         progress=not args.no_progress,
+        rotations=args.rotations,
     )
     print()
     print(run.table_markdown, end="")

@@ -6,6 +6,9 @@ the origin to each class's mean direction. Every panel has axis labels; a legend
 gives the class colours and what a spoke is. :func:`loss_figure` and :func:`grid_figure` build the
 figures (for inspection), :func:`save_loss_figure` and :func:`save_grid` write and close them.
 
+The open set has one figure, :func:`roc_figure` (written by :func:`save_roc_figure`): one panel, one
+ROC curve per loss, FAR on a log axis.
+
 matplotlib is imported when the first figure is drawn, not with this module.
 """
 
@@ -22,6 +25,7 @@ import numpy as np
 from torch_port.demo.extras import require
 from torch_port.demo.metrics import unit_vectors
 from torch_port.demo.training import LossResult
+from torch_port.demo.verification import FAR_GRID, FAR_TARGET
 
 TICK_SIZE = 8  # points: tick labels stay legible in the grid as the guide shows it
 LABEL_SIZE = 9
@@ -198,4 +202,55 @@ def save_grid(results: Sequence[LossResult], path: Path, dim: int, caption: str)
     """Write :func:`grid_figure` to ``path`` (PNG) and close it."""
     fig = grid_figure(results, dim, caption)
     fig.savefig(path, dpi=90)
+    _pyplot().close(fig)
+
+
+ROC_FAR_LABEL = "false accept rate (FAR): share of impostor pairs accepted"
+ROC_TAR_LABEL = "true accept rate (TAR): share of genuine pairs accepted"
+
+
+def roc_curve_of(result: LossResult) -> np.ndarray:
+    """The TAR at each FAR of :data:`FAR_GRID`: the loss's one rotation, or the mean over its rotations
+    at each FAR (vertical averaging: each rotation is its own network, so their scores do not pool)."""
+    return np.mean([rotation.verification.roc_tar for rotation in result.open_set], axis=0)
+
+
+def roc_legend_label(result: LossResult) -> str:
+    """The loss and its AUC, as the legend gives them (the mean over the rotations drawn)."""
+    auc = np.mean([rotation.verification.auc for rotation in result.open_set])
+    return f"{result.title} (AUC {100 * auc:.1f}%)"
+
+
+def roc_figure(results: Sequence[LossResult], caption: str):
+    """The open set's ROC curves: one panel, a curve per loss (those with an open set), FAR on a log axis."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(MIN_WIDTH * 0.75, 7.0), layout="constrained")
+    drawn = [result for result in results if result.open_set]
+    cmap = plt.get_cmap("tab10")
+    for index, result in enumerate(drawn):
+        # ten colours, then the same ten dashed: the demo may grow past ten losses
+        ax.plot(
+            FAR_GRID, roc_curve_of(result), color=cmap(index % 10), linestyle=("-", "--", ":")[index // 10 % 3],
+            lw=1.4, label=roc_legend_label(result),
+        )  # fmt: skip
+    ax.plot(FAR_GRID, FAR_GRID, color="0.6", lw=0.8, linestyle=":", label="chance (TAR = FAR)")
+    ax.axvline(FAR_TARGET, color="0.75", lw=0.8, zorder=0)
+    ax.text(FAR_TARGET, 0.99, f" FAR = {FAR_TARGET:g}", fontsize=TICK_SIZE, color="0.4", va="top")
+    ax.set_xscale("log")
+    ax.set_xlim(FAR_GRID[0], 1.0)
+    ax.set_ylim(0.0, 1.01)
+    ax.set_xlabel(ROC_FAR_LABEL, fontsize=LABEL_SIZE)
+    ax.set_ylabel(ROC_TAR_LABEL, fontsize=LABEL_SIZE)
+    ax.tick_params(labelsize=TICK_SIZE)
+    ax.grid(True, which="major", color="0.92", lw=0.6)
+    # below the panel, not on it: the curves may pass through any corner
+    fig.legend(loc="outside lower center", ncol=3, fontsize=LABEL_SIZE, frameon=False, columnspacing=1.2)
+    ax.set_title(textwrap.fill(caption, width=80), fontsize=LABEL_SIZE + 1)
+    return fig
+
+
+def save_roc_figure(results: Sequence[LossResult], path: Path, caption: str) -> None:
+    """Write :func:`roc_figure` to ``path`` (PNG) and close it."""
+    fig = roc_figure(results, caption)
+    fig.savefig(path, dpi=110)
     _pyplot().close(fig)

@@ -1,8 +1,11 @@
-"""What the table measures of the held-out features: angles, and the directions of the classes."""
+"""What the table measures of the held-out features (angles, the directions of the classes), and a metric's
+mean and range over several runs."""
 
 from __future__ import annotations
 
 import math
+import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,3 +74,21 @@ def class_geometry(features: np.ndarray, labels: np.ndarray) -> Geometry:
     i, j = np.triu_indices(len(classes), k=1)
     min_gap = float(angle_degrees(centers[i], centers[j]).min()) if len(i) else math.nan
     return Geometry(classes, centers, intra, min_gap)
+
+
+@dataclass(frozen=True)
+class Spread:
+    """One metric of one loss over several runs (seeds, rotations): the mean and the range (``low`` to ``high``)."""
+
+    mean: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread:
+        """The arithmetic mean (correctly rounded, :func:`statistics.fmean`), minimum and maximum."""
+        return cls(statistics.fmean(values), min(values), max(values))
+
+    def cell(self) -> str:
+        """``mean (min-max)`` to one decimal, as the Markdown table shows it: ``95.5 (95.1-96.2)``."""
+        return f"{self.mean:.1f} ({self.low:.1f}-{self.high:.1f})"

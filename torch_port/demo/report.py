@@ -2,7 +2,7 @@
 
 One seed: one row per loss with that run's numbers (:data:`TABLE_COLUMNS`). Several seeds: one row
 per loss with each metric's mean and range over the seeds (:data:`SUMMARY_COLUMNS`), and the
-per-seed rows beside it (:data:`RUN_COLUMNS`).
+per-seed rows beside it (:data:`RUN_COLUMNS`). Every open-set rotation's numbers: :data:`OPEN_SET_COLUMNS`.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import csv
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from torch_port.demo.openset import OPEN_METRICS
 from torch_port.demo.seeds import METRICS, LossSummary
 from torch_port.demo.settings import BATCH_SIZE, HIDDEN_SIZES, LEARNING_RATE, NUM_THREADS, WEIGHT_DECAY
 from torch_port.demo.training import LossResult
@@ -22,20 +23,27 @@ TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("accuracy", "held-out accuracy (%)"),
     ("intra_class_angle_deg", "mean intra-class angle (deg)"),
     ("min_center_angle_deg", "min angle between class centres (deg)"),
+    *((key, title) for key, title, _ in OPEN_METRICS),
     ("train_time_s", "training time (s)"),
 )
 _TITLES = dict(TABLE_COLUMNS)
+OPEN: tuple[str, ...] = tuple(key for key, _, _ in OPEN_METRICS)
 
 # several seeds, as CSV: LossSummary.row()'s keys
 SUMMARY_COLUMNS: tuple[str, ...] = (
     "loss",
     "settings",
     "seeds",
-    *(f"{metric}_{part}" for metric in METRICS for part in ("mean", "min", "max")),
+    *(f"{metric}_{part}" for metric in (*METRICS, *OPEN) for part in ("mean", "min", "max")),
     "train_time_s_mean",
 )
 # several seeds, one row per seed and loss: runs.csv
 RUN_COLUMNS: tuple[str, ...] = ("seed", *(key for key, _ in TABLE_COLUMNS))
+# one row per seed, loss and open-set rotation: openset.csv (OpenSetResult.row()'s keys after these)
+OPEN_SET_COLUMNS: tuple[str, ...] = (
+    "seed", "loss", "held_out", "images", "genuine_pairs", "impostor_pairs", "auc", "tar_at_far", "eer", "epochs",
+    "train_time_s",
+)  # fmt: skip
 
 
 def training_note() -> str:
@@ -47,7 +55,11 @@ def training_note() -> str:
         f"weight decay {WEIGHT_DECAY:g} on the network (none on the head), batches of {BATCH_SIZE}, "
         f"{NUM_THREADS} CPU thread(s). Accuracy is the argmax of the margin-free logits; angles are those "
         "of the held-out features to their class's mean direction, and between class mean directions; "
-        "t in a schedule counts training steps. On one machine a seed repeats its numbers (all but the times); "
+        "t in a schedule counts training steps. The open-set columns train the same network on all classes but "
+        "those a rotation holds out, for at least as many steps, and verify every pair of the held-out classes' "
+        "images by the cosine of their features (TAR at a FAR and the EER read linearly between the ROC curve's "
+        "points); a cell over several rotations (and seeds) is the mean (min-max) of them all. "
+        "On one machine a seed repeats its numbers (all but the times); "
         "another CPU's kernels give other low bits, which training amplifies into other single-run numbers."
     )
 
@@ -66,15 +78,22 @@ def markdown_table(results: Sequence[LossResult]) -> str:
 
 
 def summary_markdown_table(summaries: Sequence[LossSummary]) -> str:
-    """Several seeds as a Markdown pipe table: per loss, each metric as ``mean (min-max)`` over the seeds."""
+    """Several seeds as a Markdown pipe table: per loss, each metric as ``mean (min-max)`` over the seeds (the
+    open-set ones over every rotation of every seed)."""
     header = [
         "loss",
         "settings",
-        *(f"{_TITLES[metric]}: mean (min-max)" for metric in METRICS),
+        *(f"{_TITLES[metric]}: mean (min-max)" for metric in (*METRICS, *OPEN)),
         "training time per seed (s), mean",
     ]
     rows = [
-        [s.title, s.settings, *(getattr(s, metric).cell() for metric in METRICS), f"{s.train_time_s:.1f}"]
+        [
+            s.title,
+            s.settings,
+            *(getattr(s, metric).cell() for metric in METRICS),
+            *(s.open[key].cell() if key in s.open else "-" for key in OPEN),
+            f"{s.train_time_s:.1f}",
+        ]
         for s in summaries
     ]
     return _pipe_table(header, rows)
@@ -101,3 +120,14 @@ def write_runs_csv(runs: Mapping[int, Sequence[LossResult]], path: Path) -> None
     """Every seed's own rows (:data:`RUN_COLUMNS`): the runs the summary is the mean and range of."""
     rows = [{"seed": str(seed), **result.row()} for seed, results in runs.items() for result in results]
     _write(path, RUN_COLUMNS, rows)
+
+
+def write_open_set_csv(runs: Mapping[int, Sequence[LossResult]], path: Path) -> None:
+    """Every open-set rotation's own row (:data:`OPEN_SET_COLUMNS`), for every seed and loss."""
+    rows = [
+        {"seed": str(seed), "loss": result.title, **rotation.row()}
+        for seed, results in runs.items()
+        for result in results
+        for rotation in result.open_set
+    ]
+    _write(path, OPEN_SET_COLUMNS, rows)

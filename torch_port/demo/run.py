@@ -14,12 +14,14 @@ import torch
 from softmax_common.checks import check_positive_int
 from torch_port.demo.data import DemoData, load_digits, load_mnist_idx
 from torch_port.demo.extras import require_all
-from torch_port.demo.figures import save_grid, save_loss_figure
+from torch_port.demo.figures import save_grid, save_loss_figure, save_roc_figure
+from torch_port.demo.openset import rotation_groups
 from torch_port.demo.report import (
     markdown_table,
     summary_markdown_table,
     training_note,
     write_csv,
+    write_open_set_csv,
     write_runs_csv,
     write_summary_csv,
 )
@@ -79,6 +81,40 @@ def _check_seed_choice(seed: int | None, seeds: str | int | Sequence[int] | None
     return check_seeds(seeds)
 
 
+def _check_rotations(rotations: int | str) -> int | None:
+    """How many open-set rotations to run: an integer >= 0, or None for "all" (every class held out once)."""
+    if rotations == "all":
+        return None
+    if isinstance(rotations, str):
+        raise ValueError(f"rotations must be an integer >= 0 or 'all', got {rotations!r}")
+    return check_positive_int(rotations, "rotations", minimum=0)
+
+
+def _open_set_groups(num_classes: int, seed: int, count: int | None) -> tuple[tuple[int, ...], ...]:
+    """The first ``count`` rotations' held-out classes (all for None, none for 0)."""
+    if count == 0:
+        return ()
+    if num_classes < 4:
+        raise ValueError(
+            f"rotations: the open set needs at least 4 classes (2 held out, 2 to train on), the data have "
+            f"{num_classes}; use rotations=0 (--rotations 0) for none"
+        )
+    groups = rotation_groups(num_classes, seed)
+    if count is not None and count > len(groups):
+        raise ValueError(
+            f"rotations must be at most {len(groups)} with {num_classes} classes (each class is held out once), "
+            f"got {count}"
+        )
+    return groups if count is None else groups[:count]
+
+
+def _describe_groups(groups: Sequence[tuple[int, ...]]) -> str:
+    """E.g. ``trained without classes 2, 4, 6``, or ``4 rotations, trained without classes 2 4 6 | 3 5 7 | ...``."""
+    if len(groups) == 1:
+        return f"trained without classes {', '.join(map(str, groups[0]))}"
+    return f"{len(groups)} rotations, trained without classes {' | '.join(' '.join(map(str, g)) for g in groups)}"
+
+
 @contextmanager
 def _repeatable_torch() -> Iterator[None]:
     """One intra-op thread and deterministic kernels inside; the caller's settings restored after."""
@@ -123,6 +159,7 @@ def run_demo(
     out: str | os.PathLike = "demo-out",
     data: str | os.PathLike | None = None,
     progress: bool = True,
+    rotations: int | str = 1,
 ) -> DemoRun:
     """Train with each loss (once per seed), write the figures and the table into ``out``, and return them.
 
@@ -138,6 +175,10 @@ def run_demo(
         out: the output directory (created). data: a directory of MNIST IDX files, or None for the
         digits that ship with scikit-learn. progress: a progress bar per loss on a terminal; when
         stderr is not one (a log, a pipe), one line per loss instead.
+        rotations: the open set (:mod:`~torch_port.demo.openset`): how many rotations of held-out
+        classes each loss is also trained and verified on, each a whole training without those
+        classes; "all" for every rotation (each class held out once: four with ten classes), 0 for
+        none. ROC curves go to ``roc.png``, every rotation's numbers to ``openset.csv``.
 
     Deterministic on the CPU for a given seed on one machine: all but the training-time column
     repeat bitwise, and a seed's rows are the same alone or among other seeds. Another CPU's
@@ -153,6 +194,7 @@ def run_demo(
     if isinstance(dim, bool) or dim not in (2, 3):
         raise ValueError(f"dim must be 2 or 3 (the figures draw a circle or a sphere), got {dim!r}")
     seeds = _check_seed_choice(seed, seeds)
+    rotation_count = _check_rotations(rotations)
     device = check_device(device)
     require_all()
     out = Path(out)
@@ -161,6 +203,8 @@ def run_demo(
         return (load_digits(seed) if data is None else load_mnist_idx(data, seed)).to(device)
 
     first = load(seeds[0])  # a bad --data fails here, before anything is written
+    # and so do too many rotations
+    groups = {each: _open_set_groups(first.num_classes, each, rotation_count) for each in seeds}
     out.mkdir(parents=True, exist_ok=True)
     several = len(seeds) > 1
     runs: dict[int, list[LossResult]] = {}
@@ -170,7 +214,10 @@ def run_demo(
             if several and progress:
                 print(f"seed {each} ({index + 1} of {len(seeds)})", file=sys.stderr, flush=True)
             runs[each] = [
-                train_one(name, dataset, dim=dim, epochs=epochs, seed=each, device=device, progress=progress)
+                train_one(
+                    name, dataset, dim=dim, epochs=epochs, seed=each, device=device, progress=progress,
+                    rotations=groups[each],
+                )
                 for name in chosen
             ]
     results = runs[seeds[0]]
@@ -193,6 +240,19 @@ def run_demo(
         figure_caption = table_caption = f"{setup}, seed {seeds[0]}; held-out features"
     files["grid"] = out / "grid.png"
     save_grid(results, files["grid"], dim, figure_caption)
+    if groups[seeds[0]]:
+        table_caption += (
+            f"; open set: {len(groups[seeds[0]])} rotation(s) per seed, held-out classes in openset.csv"
+            if several
+            else f"; open set: {_describe_groups(groups[seeds[0]])}"
+        )
+        files["roc.png"] = out / "roc.png"
+        roc_caption = (
+            f"{first.name}, seed {seeds[0]}: open-set verification by cosine similarity "
+            f"({_describe_groups(groups[seeds[0]])}"
+            + (")" if len(groups[seeds[0]]) == 1 else "; TAR averaged over the rotations at each FAR)")
+        )
+        save_roc_figure(results, files["roc.png"], roc_caption)
 
     summaries = summarize(runs) if several else []
     table = summary_markdown_table(summaries) if several else markdown_table(results)
@@ -205,4 +265,7 @@ def run_demo(
         write_runs_csv(runs, files["runs.csv"])
     else:
         write_csv(results, files["table.csv"])
+    if groups[seeds[0]]:
+        files["openset.csv"] = out / "openset.csv"
+        write_open_set_csv(runs, files["openset.csv"])
     return DemoRun(results, table, files, seeds, runs, summaries)

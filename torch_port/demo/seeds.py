@@ -12,9 +12,11 @@ from __future__ import annotations
 import re
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from softmax_common.checks import check_positive_int
+from torch_port.demo.metrics import Spread
+from torch_port.demo.openset import OPEN_METRICS, open_values
 from torch_port.demo.training import LossResult
 
 # A range such as 0-99999999 would be a list of 10^8 seeds (and years of training): refuse it.
@@ -96,26 +98,12 @@ def format_seeds(seeds: Sequence[int]) -> str:
 
 
 @dataclass(frozen=True)
-class Spread:
-    """One metric of one loss over the seeds: the mean and the range (``low`` to ``high``)."""
-
-    mean: float
-    low: float
-    high: float
-
-    @classmethod
-    def of(cls, values: Sequence[float]) -> Spread:
-        """The arithmetic mean (correctly rounded, :func:`statistics.fmean`), minimum and maximum."""
-        return cls(statistics.fmean(values), min(values), max(values))
-
-    def cell(self) -> str:
-        """``mean (min-max)`` to one decimal, as the Markdown table shows it: ``95.5 (95.1-96.2)``."""
-        return f"{self.mean:.1f} ({self.low:.1f}-{self.high:.1f})"
-
-
-@dataclass(frozen=True)
 class LossSummary:
-    """One loss over several seeds: each metric's :class:`Spread`, and the mean training time per seed."""
+    """One loss over several seeds: each metric's :class:`Spread`, and the mean training time per seed.
+
+    The open-set metrics (``open``: key of :data:`~torch_port.demo.openset.OPEN_METRICS` -> Spread)
+    pool every rotation of every seed; empty when the runs had no open set.
+    """
 
     loss: str
     title: str
@@ -125,15 +113,20 @@ class LossSummary:
     intra_class_angle_deg: Spread
     min_center_angle_deg: Spread
     train_time_s: float
+    open: dict[str, Spread] = field(default_factory=dict)
 
     def row(self) -> dict[str, str]:
-        """The CSV row: ``<metric>_mean``, ``_min`` and ``_max`` per metric, to one decimal."""
+        """The CSV row: ``<metric>_mean``, ``_min`` and ``_max`` per metric (open-set ones too), to one decimal."""
         row = {"loss": self.title, "settings": self.settings, "seeds": format_seeds(self.seeds)}
         for metric in METRICS:
             spread = getattr(self, metric)
             row[f"{metric}_mean"] = f"{spread.mean:.1f}"
             row[f"{metric}_min"] = f"{spread.low:.1f}"
             row[f"{metric}_max"] = f"{spread.high:.1f}"
+        for key, _, _ in OPEN_METRICS:  # "-" when the runs had no open set
+            spread = self.open.get(key)
+            for suffix, part in (("mean", "mean"), ("min", "low"), ("max", "high")):
+                row[f"{key}_{suffix}"] = "-" if spread is None else f"{getattr(spread, part):.1f}"
         row["train_time_s_mean"] = f"{self.train_time_s:.1f}"
         return row
 
@@ -157,6 +150,10 @@ def summarize(runs: Mapping[int, Sequence[LossResult]]) -> list[LossSummary]:
     summaries = []
     for loss, results in by_loss.items():
         spreads = {metric: Spread.of([getattr(result, metric) for result in results]) for metric in METRICS}
+        pooled = {
+            key: [value for result in results for value in open_values(result.open_set, key)]
+            for key, _, _ in OPEN_METRICS
+        }
         summaries.append(
             LossSummary(
                 loss=loss,
@@ -164,6 +161,7 @@ def summarize(runs: Mapping[int, Sequence[LossResult]]) -> list[LossSummary]:
                 settings=results[0].settings,
                 seeds=seeds,
                 train_time_s=statistics.fmean(result.train_time_s for result in results),
+                open={key: Spread.of(values) for key, values in pooled.items() if values},
                 **spreads,
             )
         )
