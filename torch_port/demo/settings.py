@@ -13,7 +13,20 @@ from typing import Any
 
 from torch import nn
 
-from torch_port import AMSoftmax, ArcFace, CosFace, LSoftmax, MarginSchedule, NormFace, SphereFace
+from torch_port import (
+    AdaFace,
+    AMSoftmax,
+    ArcFace,
+    CosFace,
+    CurricularFace,
+    ElasticArcFace,
+    LSoftmax,
+    MagFace,
+    MarginSchedule,
+    NormFace,
+    SphereFace,
+    SubCenterArcFace,
+)
 from torch_port.demo.heads import SoftmaxCenterHead, SoftmaxHead
 
 
@@ -51,6 +64,8 @@ class DemoLoss:
                     f"{self.schedule_symbol}=max({value['minimum']:g}, "
                     f"{value['base']:g}(1+{value['gamma']:g}t)^-{value['power']:g})"
                 )
+            elif isinstance(value, str):
+                parts.append(f"{name}={value}")
             else:
                 parts.append(f"{name}={value:g}")
         return ", ".join(parts) or "-"
@@ -104,6 +119,22 @@ DEMO_LOSSES: dict[str, DemoLoss] = index_losses(
             schedule_symbol="beta",
         ),
         DemoLoss("center", "Softmax + Center", SoftmaxCenterHead, {"alpha": 0.5, "loss_weight": 0.05}),
+        # The modern margins (issues 15-16), at ArcFace's s and m above where they have one. The
+        # detached row is ArcFace with insightface's gradient convention (the margin's value, the
+        # gradient of s cos theta_y): the measured comparison of derivations/10, section 4.
+        DemoLoss("arcface-detached", "ArcFace (detached)", ArcFace, {"s": 16.0, "m": 0.2, "margin_grad": "detached"}),
+        DemoLoss("subcenter", "Sub-center ArcFace", SubCenterArcFace, {"k": 3, "s": 16.0, "m": 0.2}),
+        DemoLoss("elastic", "ElasticFace-Arc", ElasticArcFace, {"s": 16.0, "m": 0.2, "sigma": 0.05}),
+        DemoLoss("curricularface", "CurricularFace", CurricularFace, {"s": 16.0, "m": 0.2}),
+        DemoLoss("adaface", "AdaFace", AdaFace, {"s": 16.0, "m": 0.2}),
+        # MagFace's norm bounds and margins scaled to this network and circle: norms in [1, 20], margins
+        # 0.1..0.3; lambda_g = 1 is 6x magface_min_lambda_g(16, 1, 20, 0.1, 0.3) = 0.17.
+        DemoLoss(
+            "magface",
+            "MagFace",
+            MagFace,
+            {"s": 16.0, "l_a": 1.0, "u_a": 20.0, "l_m": 0.1, "u_m": 0.3, "lambda_g": 1.0},
+        ),
     )
 )
 
