@@ -92,6 +92,11 @@ def checkpointed_lse_and_target(
         raise ValueError("the chunked path of sub-centres supports normalized logits only (no feature or weight norm)")
     dtype = compute_dtype(("x", x), ("W", W))
     k = config.subcenters
+    # A float16/bfloat16 W is upcast once, whole: its gradient, from the target rows and from every
+    # chunk, then adds up in the compute dtype and is rounded to W's dtype once, with saturation, as
+    # on the plain path (rounded per piece it would round twice, and overflow float16 where a zero
+    # row's large pieces meet). The price: a compute-dtype copy of W, on this path and for half W only.
+    W = upcast(W, dtype)
     x_hat, x_norm = unit_rows(upcast(x, dtype))
     present = y >= 0
     labels = y.clamp_min(0)
