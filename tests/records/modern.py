@@ -218,7 +218,8 @@ def error_inputs(with_reduction: bool) -> list[ErrorSample]:
 
 
 def _config(kwargs: dict):
-    return subcenter_arcface_config(**config_kwargs(kwargs))
+    """The configuration of a sample's hyperparameters (the contract's defaults for those not given)."""
+    return subcenter_arcface_config(**{**DEFAULTS, **config_kwargs(kwargs)})
 
 
 def _head(kwargs: dict, num_classes: int, dim: int, **options):
