@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 import refimpl
 from refimpl.geometry import cosines, row_norms
+from refimpl.subcenter import subcenter_cosines
 from tests.dispatch_probe import HostReads
 from tests.registry import RECORDS
 from tests.tolerances import Tol, assert_close
@@ -44,7 +45,8 @@ def reference_logsumexp(z):
 def margin_free_logits(x, W, config: MarginConfig):
     """S_ij cos theta_ij with the reference's cosines: the logits of a row whose target is elsewhere."""
     factor = 1.0 if config.scale is None else float(config.scale)
-    logits = factor * cosines(x, W)
+    pooled = cosines(x, W) if config.subcenters == 1 else subcenter_cosines(x, W, config.subcenters)[0]
+    logits = factor * pooled
     if config.feature_norm:
         logits = logits * row_norms(x)
     if config.weight_norm:
@@ -130,8 +132,11 @@ def test_labels_are_checked():
     x, W = torch.randn(2, 3), torch.randn(4, 3)
     with pytest.raises(ValueError, match=r"y must lie in \[-1, 4\)"):
         lse_and_target(x, W, torch.tensor([-2, 0]), MarginConfig(scale=2.0))
+    # -1 is ignore_index's default (a skipped row); with ignore_index=None it is out of range.
     with pytest.raises(ValueError, match=r"y must lie in \[0, 4\)"):
-        margin_cross_entropy(x, W, torch.tensor([ABSENT, 0]), MarginConfig(scale=2.0))
+        margin_cross_entropy(x, W, torch.tensor([ABSENT, 0]), MarginConfig(scale=2.0), ignore_index=None)
+    with pytest.raises(ValueError, match=r"y must lie in \[0, 4\)"):
+        margin_cross_entropy(x, W, torch.tensor([-2, 0]), MarginConfig(scale=2.0))
     with pytest.raises(ValueError, match="chunk_size"):
         lse_and_target(x, W, torch.tensor([0, 1]), MarginConfig(), chunk_size=0)
 
