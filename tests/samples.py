@@ -114,6 +114,8 @@ class LossRecord:
         those hyperparameters (options: reduction, chunk_size, dtype, and head-specific ones).
     defaults: hyperparameters for tests that need one fixed configuration of the loss (the papers'
         values, as the API contract in docs/design.md lists them).
+    base_samples: the samples without margin_grad, ignored rows and per-sample margins (None: the
+        record draws none of them); see :meth:`keyword_free_samples`.
     """
 
     name: str
@@ -129,6 +131,18 @@ class LossRecord:
     config: Callable[[dict[str, Any]], Any] | None = None
     head: Callable[..., Any] | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
+    base_samples: st.SearchStrategy[Sample] | None = None
+
+    def keyword_free_samples(self) -> st.SearchStrategy[Sample]:
+        """Samples without the keywords every margin loss takes (``margin_grad``, ignored rows,
+        per-sample margins): for tests of other properties that build their own batch from a
+        sample's hyperparameters or take central differences. ``samples`` when there are none."""
+        return self.samples if self.base_samples is None else self.base_samples
+
+    @property
+    def rows_per_class(self) -> int:
+        """W's rows per class at the defaults (sub-centres: k); tests that build W as (C, D) need 1."""
+        return self.defaults.get("k", 1)
 
     def __repr__(self) -> str:
         return self.name

@@ -75,12 +75,14 @@ def off_branch_boundaries(x: np.ndarray, W: np.ndarray, y: np.ndarray, m: int, g
 
 
 @st.composite
-def _loss_samples(draw, weight_name: str):
+def _loss_samples(draw, weight_name: str, with_keywords: bool = True):
     x, W, y = draw(features_weights_labels())
     m = draw(margins())
     assume(off_branch_boundaries(x, W, y, m))
     kwargs = {"m": m, weight_name: draw(annealing_weights())}
-    y, keywords = draw(margin_keywords(y))  # ignored rows, margin_grad (tests/records/keywords.py)
+    keywords = {}
+    if with_keywords:  # ignored rows, margin_grad (tests/records/keywords.py)
+        y, keywords = draw(margin_keywords(y))
     return Sample({"x": x, "W": W}, {"y": y}, {**kwargs, **keywords})
 
 
@@ -236,6 +238,7 @@ def _config(name: str, weight_name: str, kwargs: dict):
 def _loss_records(name: str, weight_name: str) -> list[LossRecord]:
     common = dict(
         samples=_loss_samples(weight_name),
+        base_samples=_loss_samples(weight_name, with_keywords=False),
         edge_cases=lambda: _loss_edges(weight_name),
     )
     return [

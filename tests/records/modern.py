@@ -69,7 +69,7 @@ def subcenter_hyperparameters(draw) -> dict:
 
 
 @st.composite
-def subcenter_samples(draw):
+def subcenter_samples(draw, with_keywords: bool = True):
     """x (B <= 3), W (C k rows, C <= 4, k <= 3, D in 2..4), y, the hyperparameters, and sometimes
     ignored rows or margin_grad="detached". Each x_i is drawn at an angle from one of its class's
     sub-centres (so target angles cover (0, pi)); samples whose pooled cosines come too close to a
@@ -95,7 +95,9 @@ def subcenter_samples(draw):
             v = e - (e @ w_hat) * w_hat
         x[i] = radii[i] * (math.cos(angles[i]) * w_hat + math.sin(angles[i]) * _unit(v))
     assume(well_separated(x, W, y, kwargs))
-    y, keywords = draw(margin_keywords(y))
+    keywords = {}
+    if with_keywords:
+        y, keywords = draw(margin_keywords(y))
     return Sample({"x": x, "W": W}, {"y": y}, {**kwargs, **keywords})
 
 
@@ -233,6 +235,7 @@ RECORDS: list[LossRecord] = [
         reference=refimpl.subcenter_arcface_loss,
         port=tpf.subcenter_arcface_loss,
         samples=subcenter_samples(),
+        base_samples=subcenter_samples(with_keywords=False),
         edge_cases=edge_cases,
         error_inputs=lambda: error_inputs(with_reduction=True),
         tolerances=LOW_PRECISION_FORWARD,
@@ -246,6 +249,7 @@ RECORDS: list[LossRecord] = [
         reference=refimpl.subcenter_arcface_logits,
         port=tpf.subcenter_arcface_logits,
         samples=subcenter_samples(),
+        base_samples=subcenter_samples(with_keywords=False),
         edge_cases=edge_cases,
         error_inputs=lambda: error_inputs(with_reduction=False),
         tolerances=LOW_PRECISION_FORWARD,

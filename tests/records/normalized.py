@@ -167,12 +167,17 @@ def features_weights_labels(draw, avoid=(), min_classes: int = 1, gap: float = A
 
 
 @st.composite
-def loss_samples(draw, kind: str):
+def loss_samples(draw, kind: str, with_keywords: bool = True):
     """x, W, y and the hyperparameters, sometimes with per-sample margins (each row kept away from
-    its own jump), ignored rows, or ``margin_grad="detached"`` (tests/records/keywords.py)."""
-    kwargs = draw(per_sample_margins(kind, draw(hyperparameters(kind))))
+    its own jump), ignored rows, or ``margin_grad="detached"`` (tests/records/keywords.py); with
+    ``with_keywords=False`` none of these."""
+    kwargs = draw(hyperparameters(kind))
+    if with_keywords:
+        kwargs = draw(per_sample_margins(kind, kwargs))
     x, W, y = draw(features_weights_labels(lambda row: jumps(kind, kwargs, row)))
-    y, keywords = draw(margin_keywords(y, detachable=kind != "normface"))
+    keywords = {}
+    if with_keywords:
+        y, keywords = draw(margin_keywords(y, detachable=kind != "normface"))
     return Sample({"x": x, "W": W}, {"y": y}, {**first_rows(kwargs, len(y)), **keywords})
 
 
@@ -411,7 +416,12 @@ def _head(kind: str):
 
 
 def _records(kind: str) -> list[LossRecord]:
-    common = dict(samples=loss_samples(kind), edge_cases=lambda: edge_cases(kind), tolerances=LOW_PRECISION_FORWARD)
+    common = dict(
+        samples=loss_samples(kind),
+        base_samples=loss_samples(kind, with_keywords=False),
+        edge_cases=lambda: edge_cases(kind),
+        tolerances=LOW_PRECISION_FORWARD,
+    )
     return [
         LossRecord(
             name=f"{kind}_loss",
