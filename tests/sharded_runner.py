@@ -306,6 +306,10 @@ def _serve(fd: int, rank: int, world: int, store: str) -> None:
                 from tests.distributed_faults import run_scenario
 
                 answer = ("ok", run_scenario(payload, rank, world))
+            elif kind == "head-case":  # a ShardedMarginHead case of tests/sharded_heads.py, by name
+                from tests.sharded_heads import run_head_case
+
+                answer = ("ok", run_head_case(payload, rank, world))
             elif kind == "sleep":  # for the runner's own timeout test (tests/test_helpers.py)
                 time.sleep(payload)
                 answer = ("ok", None)

@@ -508,3 +508,28 @@ def test_elastic_draws_are_clipped_to_the_margin_s_range(cls, loss, low, high):
     assert np.any(np.abs(recovered - low) < 1e-9), ("some draw clipped at the bottom", recovered)
     if high is not None:
         assert np.any(np.abs(recovered - high) < 1e-9), ("some draw clipped at the top", recovered)
+
+
+# ---------------------------------------------------------------------------------------------
+# ShardedMarginHead: sub-centres and per-sample margins over 2 ranks
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["subcenter", "per-sample"])
+def test_a_sharded_head_equals_one_process(case, sharded_runner):
+    from tests.sharded_heads import K, config_of, global_problem
+    from torch_port.engine import margin_cross_entropy
+
+    per_rank = sharded_runner.request(("head-case", case))
+    x, W, y, margins = global_problem(K[case])
+    xs, Ws = torch.tensor(x, requires_grad=True), torch.tensor(W, requires_grad=True)
+    expected = margin_cross_entropy(xs, Ws, torch.tensor(y), config_of(case, margins))
+    expected.backward()
+    for rank, got in enumerate(per_rank):
+        assert_close(np.array(got["loss"]), expected.detach().numpy(), CLOSE, f"{case}: rank {rank}'s loss")
+    assert_close(np.concatenate([got["x"] for got in per_rank]), xs.grad.numpy(), CLOSE, f"{case}: dx")
+    assert_close(np.concatenate([got["W"] for got in per_rank]), Ws.grad.numpy(), CLOSE, f"{case}: dW")
+    reference = refimpl.subcenter_arcface_loss(x, W, y, s=30.0, m=0.5, k=3) if case == "subcenter" else (
+        refimpl.arcface_loss(x, W, y, s=30.0, m=margins)
+    )
+    assert_close(expected.detach().numpy(), reference, CLOSE, f"{case}: one process vs the reference")
