@@ -46,7 +46,7 @@ class Sample:
 
     def torch_args(self, tensors: dict[str, torch.Tensor], **extra) -> dict[str, Any]:
         labels = {k: torch.as_tensor(v) for k, v in self.labels.items()}
-        return {**tensors, **labels, **self.kwargs, **extra}
+        return {**tensors, **labels, **torch_kwargs(self.kwargs), **extra}
 
     def rounded_to(self, dtype: str) -> Sample:
         """The same sample with float inputs rounded to ``dtype`` (and back to float64)."""
@@ -58,8 +58,28 @@ class Sample:
             return f"np.array({np.asarray(a).tolist()!r})"
 
         parts = [f"{k}={arr(v)}" for k, v in {**self.tensors, **self.labels}.items()]
-        parts += [f"{k}={v!r}" for k, v in self.kwargs.items()]
+        parts += [f"{k}={arr(v) if isinstance(v, np.ndarray) else repr(v)}" for k, v in self.kwargs.items()]
         return f"Sample({', '.join(parts)})" + (f"  # {self.note}" if self.note else "")
+
+
+def torch_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Hyperparameters for the port: a float NumPy array (a per-sample margin, one entry per row of
+    the batch; the reference takes it as it is) becomes a float64 tensor, anything else stays."""
+    return {
+        k: torch.tensor(v, dtype=torch.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v
+        for k, v in kwargs.items()
+    }
+
+
+def config_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A sample's hyperparameters as a configuration builder takes them: ``ignore_index`` is the
+    engine's call's, not the configuration's (dropped); per-sample margins become tensors."""
+    return {k: v for k, v in torch_kwargs(kwargs).items() if k != "ignore_index"}
+
+
+def has_row_arrays(kwargs: dict[str, Any]) -> bool:
+    """True when some hyperparameter is a per-sample (B,) array (a head cannot take it)."""
+    return any(isinstance(v, np.ndarray) for v in kwargs.values())
 
 
 @dataclass(frozen=True)
@@ -94,6 +114,8 @@ class LossRecord:
         those hyperparameters (options: reduction, chunk_size, dtype, and head-specific ones).
     defaults: hyperparameters for tests that need one fixed configuration of the loss (the papers'
         values, as the API contract in docs/design.md lists them).
+    base_samples: the samples without margin_grad, ignored rows and per-sample margins (None: the
+        record draws none of them); see :meth:`keyword_free_samples`.
     """
 
     name: str
@@ -109,6 +131,18 @@ class LossRecord:
     config: Callable[[dict[str, Any]], Any] | None = None
     head: Callable[..., Any] | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
+    base_samples: st.SearchStrategy[Sample] | None = None
+
+    def keyword_free_samples(self) -> st.SearchStrategy[Sample]:
+        """Samples without the keywords every margin loss takes (``margin_grad``, ignored rows,
+        per-sample margins): for tests of other properties that build their own batch from a
+        sample's hyperparameters or take central differences. ``samples`` when there are none."""
+        return self.samples if self.base_samples is None else self.base_samples
+
+    @property
+    def rows_per_class(self) -> int:
+        """W's rows per class at the defaults (sub-centres: k); tests that build W as (C, D) need 1."""
+        return self.defaults.get("k", 1)
 
     def __repr__(self) -> str:
         return self.name

@@ -5,8 +5,9 @@ cost seconds per sample. Instead :class:`ShardedRunner` starts R worker processe
 run as ``python -m tests.sharded_runner``), which form a gloo process group and then serve calls:
 the test process sends the same :class:`ShardedCall` (a record's name, a sample's global inputs,
 dtype, reduction, autocast dtype, cotangent) to every worker over a pipe; rank r takes its rows of
-x and y and its shard ``shard_range(C, R, r)`` of W, calls ``sharded_margin_cross_entropy`` with the
-record's ``config`` of the sample's hyperparameters, back-propagates ``sum(loss * cotangent)``, and
+x and y (and of per-sample margins) and its shard ``shard_range(C, R, r)`` of W (k rows per class
+for sub-centres), calls ``sharded_margin_cross_entropy`` with the record's ``config`` of the
+sample's hyperparameters and its ``ignore_index``, back-propagates ``sum(loss * cotangent)``, and
 sends back its loss and gradients. The runner checks the loss is the same on every rank and
 reassembles dL/dx (rank order) and dL/dW (shard order) for the test to compare with the reference.
 
@@ -244,18 +245,24 @@ def _compute(call: ShardedCall, rank: int, world: int) -> dict:
     from torch_port.distributed import shard_range, sharded_margin_cross_entropy
 
     dtype = TORCH_DTYPES[call.dtype]
-    num_classes = call.W.shape[0]
+    k = call.kwargs.get("k", 1)  # sub-centres: k rows of W per class, shards cut at whole classes
+    num_classes = call.W.shape[0] // k
     start, end = shard_range(num_classes, world, rank)
     rows = np.array_split(np.arange(call.x.shape[0]), world)[rank]
     x = torch.tensor(call.x[rows], dtype=dtype).requires_grad_(call.cotangent is not None)
-    W = torch.tensor(call.W[start:end], dtype=dtype).requires_grad_(call.cotangent is not None)
+    W = torch.tensor(call.W[start * k : end * k], dtype=dtype).requires_grad_(call.cotangent is not None)
     y = torch.as_tensor(call.y[rows])
-    config = BY_NAME[call.record].config(call.kwargs)
+    # Per-sample margins travel with their rows of x (a (B,) array becomes this rank's (B_r,) rows).
+    kwargs = {name: v[rows] if isinstance(v, np.ndarray) else v for name, v in call.kwargs.items()}
+    config = BY_NAME[call.record].config(kwargs)
+    ignore_index = call.kwargs.get("ignore_index", -1)
     autocast = (
         contextlib.nullcontext() if call.autocast is None else torch.autocast("cpu", dtype=TORCH_DTYPES[call.autocast])
     )
     with autocast:
-        loss = sharded_margin_cross_entropy(x, W, y, config, num_classes=num_classes, reduction=call.reduction)
+        loss = sharded_margin_cross_entropy(
+            x, W, y, config, num_classes=num_classes, reduction=call.reduction, ignore_index=ignore_index
+        )
     out = {"loss": loss.detach().double().numpy(), "loss_dtype": str(loss.dtype).removeprefix("torch.")}
     if call.cotangent is not None:
         weights = torch.tensor(call.cotangent, dtype=loss.dtype)
@@ -299,6 +306,10 @@ def _serve(fd: int, rank: int, world: int, store: str) -> None:
                 from tests.distributed_faults import run_scenario
 
                 answer = ("ok", run_scenario(payload, rank, world))
+            elif kind == "head-case":  # a ShardedMarginHead case of tests/sharded_heads.py, by name
+                from tests.sharded_heads import run_head_case
+
+                answer = ("ok", run_head_case(payload, rank, world))
             elif kind == "sleep":  # for the runner's own timeout test (tests/test_helpers.py)
                 time.sleep(payload)
                 answer = ("ok", None)

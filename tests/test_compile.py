@@ -18,6 +18,7 @@ import torch
 
 from tests.dispatch_probe import HostReads
 from tests.registry import BY_NAME, RECORDS
+from torch_port import ArcFace, ElasticArcFace, ElasticCosFace
 from torch_port import functional as F
 from torch_port.engine import margin_cross_entropy
 from torch_port.tensor_checks import set_value_checks
@@ -108,8 +109,9 @@ def test_every_head_compiles_with_fullgraph(record):
 
 @pytest.mark.parametrize("record", LOSS_RECORDS, ids=str)
 def test_every_functional_margin_loss_compiles_with_fullgraph(record):
-    x, W, y = problem(1)
+    x, W, y = problem(1, classes=10 * record.rows_per_class)  # sub-centres: k rows per class
     kwargs = record.defaults
+    y = y % 10
 
     def loss(x, W, y):
         return record.port(x=x, W=W, y=y, **kwargs)
@@ -181,3 +183,50 @@ def test_device_checks_read_nothing_back():
     finally:
         set_value_checks(previous)
     assert probe.count == 0
+
+
+# --- the heads of issue 15: per-class margins, ElasticFace's draws --------------------------------
+
+
+def test_a_per_class_arcface_head_compiles_with_fullgraph():
+    """ArcFace with a (C,) buffer of per-class margins: the margins looked up by label inside the
+    compiled step, eager's losses and gradients."""
+    x, _, y = problem(5)
+    margins = torch.linspace(0.1, 0.6, 10)
+    torch.manual_seed(0)
+    eager = ArcFace(10, 16, m=margins)
+    torch.manual_seed(0)
+    head = ArcFace(10, 16, m=margins)
+    torch._dynamo.reset()
+    compiled = compiled_without_breaks(head)
+    for _ in range(2):
+        xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+        expected, got = eager(xe, y), compiled(xc, y)
+        expected.backward()
+        got.backward()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(head.weight.grad, eager.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+ELASTIC_HEADS = {"ElasticArcFace": ElasticArcFace, "ElasticCosFace": ElasticCosFace}
+
+
+@pytest.mark.parametrize("plus", [False, True], ids=["plain", "plus"])
+@pytest.mark.parametrize("name", sorted(ELASTIC_HEADS))
+@pytest.mark.parametrize("seeded", [False, True], ids=["global-rng", "generator"])
+def test_elastic_heads_compile_with_fullgraph(name, plus, seeded):
+    """A training step of ElasticArcFace / ElasticCosFace (the per-sample draw inside) compiles
+    with fullgraph=True, with torch's global generator and with a ``generator`` of its own; the
+    compiled eval step is eager's."""
+    x, _, y = problem(6)
+    generator = torch.Generator().manual_seed(0) if seeded else None
+    torch.manual_seed(0)
+    head = ELASTIC_HEADS[name](10, 16, plus=plus, generator=generator)
+    torch._dynamo.reset()
+    compiled = compiled_without_breaks(head)
+    loss = compiled(x.clone().requires_grad_(), y)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(head.weight.grad).all()
+    head.eval()
+    torch.testing.assert_close(compiled(x, y), head(x, y), rtol=1e-5, atol=1e-5)

@@ -54,7 +54,7 @@ def penalised_grads(x, W, y, config, chunk_size, learnable: bool):
 @settings(max_examples=15)
 @given(data=st.data(), learnable=st.booleans())
 def test_gradient_penalty_through_the_chunked_path_equals_plain(record, data, learnable):
-    sample = data.draw(record.samples, label="sample")
+    sample = data.draw(record.keyword_free_samples(), label="sample")
     x = torch.tensor(sample.tensors["x"])
     W = torch.tensor(sample.tensors["W"])
     y = torch.as_tensor(sample.labels["y"])

@@ -60,7 +60,7 @@ def test_normalised_losses_are_scale_invariant_to_the_largest_float(name, chunk_
     call must be within the table of it, or no farther from it than the same call at unit scale (the
     suites' rule for float32 paths: near a pole, float32 itself is farther than the table)."""
     record = BY_NAME[name]
-    sample = data.draw(record.samples, label="sample")
+    sample = data.draw(record.keyword_free_samples(), label="sample")
     c_x = data.draw(factors(LARGEST[dtype][0]), label="c_x")
     c_W = data.draw(factors(LARGEST[dtype][1]), label="c_W")
     x, W, y, kwargs = sample.tensors["x"], sample.tensors["W"], sample.labels["y"], sample.kwargs
@@ -127,7 +127,7 @@ def test_angular_losses_at_large_norms_are_the_scaled_logits_cross_entropy(name,
     factors and fed to a max-shifted cross-entropy in float64. Before the scaled route SphereFace
     gave nan past 1.8e19 in float32."""
     record = BY_NAME[f"{name}_loss"]
-    sample = data.draw(record.samples, label="sample")
+    sample = data.draw(record.keyword_free_samples(), label="sample")
     high = {("sphereface", "float64"): 1e300, ("sphereface", "float32"): 1e35}.get((name, dtype))
     high = high or {"float64": 1e150, "float32": 1e17}[dtype]
     c_x = data.draw(factors(high), label="c_x")

@@ -17,9 +17,11 @@ import torch_port.functional as tpf
 from softmax_common.checks import MAX_MARGIN_MULTIPLIER
 from tests import strategies as S
 from tests.paths import MARGIN_PATHS
+from tests.records.keywords import margin_keywords
 from tests.samples import ErrorSample, LossRecord, Sample
 from torch_port import LSoftmax, MarginSchedule, SphereFace
 from torch_port.angular import lsoftmax_config, sphereface_config
+from torch_port.margins import with_margin_grad
 
 # Feature and weight entries are drawn in [-BOUND, BOUND] with D <= 4, so |W_j||x| <= 36 and the
 # logits stay within +-36 (2m - 1) <= 400: wide enough to saturate the softmax, small enough that
@@ -73,11 +75,15 @@ def off_branch_boundaries(x: np.ndarray, W: np.ndarray, y: np.ndarray, m: int, g
 
 
 @st.composite
-def _loss_samples(draw, weight_name: str):
+def _loss_samples(draw, weight_name: str, with_keywords: bool = True):
     x, W, y = draw(features_weights_labels())
     m = draw(margins())
     assume(off_branch_boundaries(x, W, y, m))
-    return Sample({"x": x, "W": W}, {"y": y}, {"m": m, weight_name: draw(annealing_weights())})
+    kwargs = {"m": m, weight_name: draw(annealing_weights())}
+    keywords = {}
+    if with_keywords:  # ignored rows, margin_grad (tests/records/keywords.py)
+        y, keywords = draw(margin_keywords(y))
+    return Sample({"x": x, "W": W}, {"y": y}, {**kwargs, **keywords})
 
 
 @st.composite
@@ -216,14 +222,23 @@ def _head(name: str, weight_name: str):
 
     def build(kwargs: dict, num_classes: int, dim: int, **options):
         schedule = MarginSchedule.constant(kwargs[weight_name])
-        return HEADS[name](num_classes, dim, m=kwargs["m"], schedule=schedule, **options)
+        keywords = {k: kwargs[k] for k in ("margin_grad", "ignore_index") if k in kwargs}
+        return HEADS[name](num_classes, dim, m=kwargs["m"], schedule=schedule, **keywords, **options)
 
     return build
+
+
+def _config(name: str, weight_name: str, kwargs: dict):
+    """The engine configuration of a sample's hyperparameters (``ignore_index`` is the call's, not
+    the configuration's; ``margin_grad`` wraps the target)."""
+    config = CONFIG_BUILDERS[name](kwargs["m"], kwargs[weight_name])
+    return with_margin_grad(config, kwargs.get("margin_grad", "exact"))
 
 
 def _loss_records(name: str, weight_name: str) -> list[LossRecord]:
     common = dict(
         samples=_loss_samples(weight_name),
+        base_samples=_loss_samples(weight_name, with_keywords=False),
         edge_cases=lambda: _loss_edges(weight_name),
     )
     return [
@@ -233,7 +248,7 @@ def _loss_records(name: str, weight_name: str) -> list[LossRecord]:
             port=getattr(tpf, f"{name}_loss"),
             error_inputs=lambda: _with_reduction_error(_loss_errors(weight_name)),
             paths=MARGIN_PATHS,
-            config=lambda kwargs: CONFIG_BUILDERS[name](**kwargs),
+            config=lambda kwargs: _config(name, weight_name, kwargs),
             head=_head(name, weight_name),
             defaults={"m": 4, weight_name: 0.0},  # the contract's defaults (docs/design.md)
             **common,

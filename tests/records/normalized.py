@@ -22,7 +22,8 @@ import torch_port.functional as tpf
 from softmax_common.checks import MAX_MARGIN_MULTIPLIER, MAX_SCALE
 from tests import strategies as S
 from tests.paths import MARGIN_PATHS
-from tests.samples import ErrorSample, LossRecord, Sample
+from tests.records.keywords import margin_keywords
+from tests.samples import ErrorSample, LossRecord, Sample, config_kwargs
 from tests.tolerances import Tol
 from torch_port import AMSoftmax, ArcFace, CombinedMargin, CosFace, NormFace
 from torch_port.normalized import arcface_config, combined_margin_config, cosface_config, normface_config
@@ -46,28 +47,57 @@ def scales():
     return S.finite_floats(0.5, MAX_S)
 
 
+# The range each margin is drawn from (m up to pi/2, m1 up to 3): one table for the scalar and the
+# per-sample draws. The kinds whose margins may be a (B,) array, one margin per sample, list them.
+MARGIN_RANGES = {
+    "cosface": {"m": (0.0, 1.0)},
+    "am_softmax": {"m": (0.0, 1.0)},
+    "arcface": {"m": (0.0, math.pi / 2)},
+    "combined_margin": {"m1": (1.0, 3.0), "m2": (0.0, math.pi / 2), "m3": (0.0, 0.5)},
+}
+MAX_BATCH = 4
+
+
 @st.composite
 def hyperparameters(draw, kind: str) -> dict:
     """Keyword arguments of one loss, drawn over its whole valid range (m up to pi/2, m1 up to 3)."""
     s = draw(scales())
     if kind == "normface":
         return {"s": s}
-    if kind in ("cosface", "am_softmax"):
-        return {"s": s, "m": draw(S.finite_floats(0.0, 1.0))}
+    if kind not in MARGIN_RANGES:
+        raise ValueError(kind)
+    kwargs = {"s": s, **{name: draw(S.finite_floats(*bounds)) for name, bounds in MARGIN_RANGES[kind].items()}}
     if kind == "arcface":
-        return {"s": s, "m": draw(S.finite_floats(0.0, math.pi / 2)), "easy_margin": draw(st.booleans())}
-    if kind == "combined_margin":
-        return {
-            "s": s,
-            "m1": draw(S.finite_floats(1.0, 3.0)),
-            "m2": draw(S.finite_floats(0.0, math.pi / 2)),
-            "m3": draw(S.finite_floats(0.0, 0.5)),
-        }
-    raise ValueError(kind)
+        kwargs["easy_margin"] = draw(st.booleans())
+    return kwargs
 
 
-def jumps(kind: str, kwargs: dict) -> list[float]:
-    """Target angles where psi jumps (or switches branch) for these hyperparameters."""
+@st.composite
+def per_sample_margins(draw, kind: str, kwargs: dict, batch: int = MAX_BATCH) -> dict:
+    """``kwargs`` with, about one time in three, some margins replaced by (batch,) arrays drawn from
+    the same range (the scalar's check holds each entry); unchanged for kinds without margins."""
+    ranges = MARGIN_RANGES.get(kind, {})
+    if not ranges or draw(st.sampled_from(range(3)), label="per-sample margins") < 2:
+        return kwargs
+    names = list(ranges)
+    chosen = [name for name in names if draw(st.booleans())] or names[:1]
+    return {**kwargs, **{name: draw(S.float_arrays((batch,), *ranges[name])) for name in chosen}}
+
+
+def row_kwargs(kwargs: dict, row: int) -> dict:
+    """The hyperparameters of one row of the batch: per-sample arrays read at ``row``."""
+    return {k: float(v[row]) if isinstance(v, np.ndarray) else v for k, v in kwargs.items()}
+
+
+def first_rows(kwargs: dict, batch: int) -> dict:
+    """Per-sample arrays cut to the first ``batch`` rows (drawn for MAX_BATCH before the batch was)."""
+    return {k: v[:batch] if isinstance(v, np.ndarray) else v for k, v in kwargs.items()}
+
+
+def jumps(kind: str, kwargs: dict, row: int = 0) -> list[float]:
+    """Target angles where psi jumps (or switches branch) for these hyperparameters (those of
+    ``row`` where a margin is per sample)."""
+    kwargs = row_kwargs(kwargs, row)
     if kind == "arcface":
         return [math.pi / 2] if kwargs["easy_margin"] else [math.pi - kwargs["m"]]
     if kind == "combined_margin":
@@ -112,14 +142,15 @@ def orthogonal_unit(w_hat: np.ndarray, raw: np.ndarray) -> np.ndarray:
 
 
 @st.composite
-def features_weights_labels(draw, avoid: list[float] = (), min_classes: int = 1, gap: float = ANGLE_GAP):
+def features_weights_labels(draw, avoid=(), min_classes: int = 1, gap: float = ANGLE_GAP):
     """(x, W, y) with B <= 4, C <= 6, D in 2..4, norms in [0.5, 50] (features) and [0.2, 5]
     (weights), and every target angle theta_y in [gap, pi - gap] at least ``gap`` from each point of
-    ``avoid`` (gap = 0: any angle, the poles included).
+    ``avoid`` (gap = 0: any angle, the poles included). ``avoid`` is a list of angles, or a function
+    of the row giving that row's (per-sample margins: each row its own jump).
 
     Small shapes: the gradient suite's gradcheck costs two evaluations per input element, and the
     properties under test do not depend on size (the edge cases and family tests cover larger C)."""
-    batch, classes = draw(S.batch_and_classes(max_batch=4, min_classes=min_classes, max_classes=6))
+    batch, classes = draw(S.batch_and_classes(max_batch=MAX_BATCH, min_classes=min_classes, max_classes=6))
     dim = draw(st.integers(2, 4))
     W_hat = unit_rows(draw(S.float_arrays((classes, dim), -1.0, 1.0)))
     W = W_hat * draw(S.float_arrays((classes, 1), 0.2, 5.0))
@@ -129,17 +160,25 @@ def features_weights_labels(draw, avoid: list[float] = (), min_classes: int = 1,
     radii = draw(S.float_arrays((batch,), MIN_NORM, 50.0))
     x = np.empty((batch, dim))
     for i in range(batch):
-        theta = allowed_angle(float(u[i]), list(avoid), gap)
+        theta = allowed_angle(float(u[i]), list(avoid(i) if callable(avoid) else avoid), gap)
         w_hat = W_hat[y[i]]
         x[i] = radii[i] * (math.cos(theta) * w_hat + math.sin(theta) * orthogonal_unit(w_hat, raw[i]))
     return x, W, y
 
 
 @st.composite
-def loss_samples(draw, kind: str):
+def loss_samples(draw, kind: str, with_keywords: bool = True):
+    """x, W, y and the hyperparameters, sometimes with per-sample margins (each row kept away from
+    its own jump), ignored rows, or ``margin_grad="detached"`` (tests/records/keywords.py); with
+    ``with_keywords=False`` none of these."""
     kwargs = draw(hyperparameters(kind))
-    x, W, y = draw(features_weights_labels(jumps(kind, kwargs)))
-    return Sample({"x": x, "W": W}, {"y": y}, kwargs)
+    if with_keywords:
+        kwargs = draw(per_sample_margins(kind, kwargs))
+    x, W, y = draw(features_weights_labels(lambda row: jumps(kind, kwargs, row)))
+    keywords = {}
+    if with_keywords:
+        y, keywords = draw(margin_keywords(y, detachable=kind != "normface"))
+    return Sample({"x": x, "W": W}, {"y": y}, {**first_rows(kwargs, len(y)), **keywords})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,7 +416,12 @@ def _head(kind: str):
 
 
 def _records(kind: str) -> list[LossRecord]:
-    common = dict(samples=loss_samples(kind), edge_cases=lambda: edge_cases(kind), tolerances=LOW_PRECISION_FORWARD)
+    common = dict(
+        samples=loss_samples(kind),
+        base_samples=loss_samples(kind, with_keywords=False),
+        edge_cases=lambda: edge_cases(kind),
+        tolerances=LOW_PRECISION_FORWARD,
+    )
     return [
         LossRecord(
             name=f"{kind}_loss",
@@ -385,7 +429,7 @@ def _records(kind: str) -> list[LossRecord]:
             port=getattr(tpf, f"{kind}_loss"),
             error_inputs=lambda: error_inputs(kind, with_reduction=True),
             paths=MARGIN_PATHS,
-            config=lambda kwargs: CONFIG_BUILDERS[kind](**kwargs),
+            config=lambda kwargs: CONFIG_BUILDERS[kind](**config_kwargs(kwargs)),
             head=_head(kind),
             defaults=DEFAULTS[kind],
             **common,
