@@ -13,7 +13,7 @@ and tests/test_chunked.py and tests/test_distributed.py take their losses from i
 
 from __future__ import annotations
 
-from tests.records import angular, center, normalized, softmax
+from tests.records import adaptive, angular, center, normalized, softmax
 from tests.samples import LossRecord
 
 RECORDS: list[LossRecord] = [
@@ -21,6 +21,7 @@ RECORDS: list[LossRecord] = [
     *angular.RECORDS,  # cos_m_theta, lsoftmax_psi, lsoftmax_loss/_logits, sphereface_loss/_logits
     *center.RECORDS,  # center_loss, center_update
     *normalized.RECORDS,  # normface, cosface, am_softmax, arcface, combined_margin: each _loss and _logits
+    *adaptive.RECORDS,  # curricularface, adaface, magface: each _loss and _logits
 ]
 
 BY_NAME = {record.name: record for record in RECORDS}
