@@ -22,6 +22,7 @@ import refimpl
 import torch_port.functional as F
 from softmax_common.closed_forms import magface_min_lambda_g
 from tests.adaptive_scenarios import HEADS, C, D, global_batch, make_head, rank_batch, rows_of
+from tests.test_edges_half_and_poles import zero_row_problem
 from tests.tolerances import Tol, assert_close
 from torch_port import AdaFace, CurricularFace, MagFace
 
@@ -371,3 +372,24 @@ def test_sharded_from_head_is_the_single_process_head_over_two_steps(sharded_run
 
 def test_the_heads_are_their_classes():
     assert (HEADS["CurricularFace"], HEADS["AdaFace"], HEADS["MagFace"]) == (CurricularFace, AdaFace, MagFace)
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_curricularface_chunked_half_weights_get_the_float32_gradient_rounded_once(dtype):
+    """Half-precision x and W with zero rows (tests/test_edges_half_and_poles.py's problem, which
+    holds every margin loss to this): the gradient of W on the chunked path is the float32 gradient
+    rounded to the input's dtype with saturation, finite, as on the plain path."""
+    x, W, y = zero_row_problem()
+    for chunk in (None, 3):
+        grads = []
+        for kind in (dtype, torch.float32):
+            leaf = torch.tensor(W, dtype=kind, requires_grad=True)
+            F.curricularface_loss(torch.tensor(x, dtype=kind), leaf, torch.tensor(y), chunk_size=chunk).backward()
+            grads.append(leaf.grad)
+        got, want = grads
+        limit = torch.finfo(dtype).max
+        expected = want.clamp(-limit, limit).to(dtype).float()
+        assert torch.isfinite(got).all(), f"chunk_size={chunk}: {got}"
+        eps = torch.finfo(dtype).eps
+        assert_close(got.float().numpy(), expected.numpy(), Tol(rtol=eps, atol=0.0), f"chunk_size={chunk}")
