@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 import torch_port.distributed.agreement as agreement
 import torch_port.distributed.loss as sharded_loss_module
+from tests.adaptive_scenarios import SCENARIOS as ADAPTIVE_SCENARIOS
 from tests.dispatch_probe import HostReads
 from tests.distributed_cases import LOSSES, VARIANTS, make_config
 from torch_port.distributed import ShardedMarginHead, shard_range, sharded_logits, sharded_margin_cross_entropy
@@ -214,6 +215,7 @@ SCENARIOS = {
     )
 }
 SCENARIOS["pickled_heads"] = pickled_heads
+SCENARIOS |= ADAPTIVE_SCENARIOS  # the stateful heads' two-rank cases (tests/adaptive_scenarios.py)
 
 
 def _numpy(value):

@@ -13,7 +13,7 @@ and tests/test_chunked.py and tests/test_distributed.py take their losses from i
 
 from __future__ import annotations
 
-from tests.records import angular, center, modern, normalized, softmax
+from tests.records import adaptive, angular, center, modern, normalized, softmax
 from tests.samples import LossRecord
 
 RECORDS: list[LossRecord] = [
@@ -22,6 +22,7 @@ RECORDS: list[LossRecord] = [
     *center.RECORDS,  # center_loss, center_update
     *normalized.RECORDS,  # normface, cosface, am_softmax, arcface, combined_margin: each _loss and _logits
     *modern.RECORDS,  # subcenter_arcface_loss/_logits
+    *adaptive.RECORDS,  # curricularface, adaface, magface: each _loss and _logits
 ]
 
 BY_NAME = {record.name: record for record in RECORDS}

@@ -185,6 +185,35 @@ def test_device_checks_read_nothing_back():
     assert probe.count == 0
 
 
+@pytest.mark.parametrize("name", ["CurricularFace", "AdaFace", "MagFace"])
+def test_the_stateful_heads_compile_with_fullgraph_and_move_their_statistics(name):
+    """The registry builds these heads with their statistics held (momentum 0); here with the heads'
+    own momentum: two compiled training steps move the statistics (torch.where, no host read) as
+    eager does, with eager's losses and gradients."""
+    import torch_port
+
+    x, _, y = problem(5)
+    x = x * torch.linspace(1.0, 40.0, 8)[:, None]
+    y[2] = -1
+    torch.manual_seed(0)
+    eager = getattr(torch_port, name)(10, 16)
+    torch.manual_seed(0)
+    head = getattr(torch_port, name)(10, 16)
+    torch._dynamo.reset()
+    compiled = compiled_without_breaks(head)
+    start = {k: v.clone() for k, v in head.named_buffers()}
+    for _ in range(2):
+        xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+        expected, got = eager(xe, y), compiled(xc, y)
+        expected.backward()
+        got.backward()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-6)
+    for (key, a), (_, b) in zip(head.named_buffers(), eager.named_buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=key)
+        assert not torch.equal(a, start[key]), f"{key} did not move"
+
+
 # --- the heads of issue 15: per-class margins, ElasticFace's draws --------------------------------
 
 

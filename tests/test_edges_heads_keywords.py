@@ -76,6 +76,8 @@ def test_every_head_refuses_positional_hyperparameters(record):
 
 # Values other than the defaults, so that a keyword that did not reach its hyperparameter shows.
 NON_DEFAULT = {"s": 5.0, "m1": 1.2, "m2": 0.3, "m3": 0.1, "easy_margin": True, "beta": 0.5, "lamb": 0.5}
+# MagFace's bounds must stay ordered (l_a < u_a, l_m <= u_m); lambda_g above its bound at s = 5.
+NON_DEFAULT |= {"l_a": 0.5, "u_a": 3.0, "l_m": 0.2, "u_m": 0.6, "lambda_g": 3.0, "norm_mean": 2.0, "norm_std": 1.5}
 
 
 @pytest.mark.parametrize("record", HEAD_RECORDS, ids=str)

@@ -11,6 +11,7 @@ loss of the registry runs; its record supplies the strategy and the engine confi
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import autograd
@@ -54,14 +55,21 @@ def margin_free_logits(x, W, config: MarginConfig):
     return logits
 
 
+def logits_keywords(logits_of, kwargs: dict) -> dict:
+    """The sample's keywords that the reference's logits take (MagFace's lambda_g is the loss's)."""
+    return {k: v for k, v in kwargs.items() if k in inspect.signature(logits_of).parameters}
+
+
 def reference_terms(record, sample, absent: np.ndarray):
     """(lse, t) of the float64 reference as a function of (x, W), for autograd."""
     logits_of = getattr(refimpl, record.name.replace("_loss", "_logits"))
     config = record.config(sample.kwargs)
     y = sample.labels["y"]
+    absent = absent | (y < 0)  # a sample's ignored rows (label -1) have no target here either
+    keywords = logits_keywords(logits_of, sample.kwargs)
 
     def terms(x, W):
-        margin = logits_of(x, W, y, **sample.kwargs)
+        margin = logits_of(x, W, y, **keywords)
         free = margin_free_logits(x, W, config)
         lse = anp.where(absent, reference_logsumexp(free), reference_logsumexp(margin))
         target = anp.where(absent, 0.0, margin[np.arange(len(y)), np.maximum(y, 0)])

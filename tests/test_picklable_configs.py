@@ -53,6 +53,8 @@ def _round_trips(obj) -> dict:
 
 
 def _psi(config: MarginConfig) -> torch.Tensor:
+    if getattr(config.target, "takes_norms", False):  # AdaFace, MagFace: the feature norms set the margin
+        return config.target(torch.cos(THETA), THETA, torch.linspace(0.5, 150.0, len(THETA), dtype=torch.float64))
     return config.target(torch.cos(THETA), THETA)
 
 
