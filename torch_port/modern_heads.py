@@ -187,9 +187,10 @@ class _ElasticMargin(MarginHead):
         margin, >= 0 for the cosine one; the official code does not clip, and a draw outside would
         be refused). With ``plus``: the draws sorted and handed out by the rank of cos theta_y, the
         largest cosine (the easiest sample) getting the smallest margin."""
-        gen_device = self.generator.device if self.generator is not None else x.device
-        draws = torch.normal(self.m, self.sigma, (x.shape[0],), generator=self.generator, device=gen_device)
-        draws = draws.to(device=x.device, dtype=torch.float64)
+        if self.generator is None:  # torch's global generator: traced by torch.compile
+            draws = torch.normal(self.m, self.sigma, (x.shape[0],), dtype=torch.float64, device=x.device)
+        else:
+            draws = _draw_with(self.generator, self.m, self.sigma, x.shape[0]).to(x.device)
         draws = draws.clamp(0.0, math.pi / 2) if self.kind == "angular" else draws.clamp_min(0.0)
         if not self.plus:
             return draws
@@ -212,6 +213,14 @@ class _ElasticMargin(MarginHead):
         return f"{super().extra_repr()}, s={self.s}, m={self.m}, sigma={self.sigma}, plus={self.plus}"
 
 
+@torch.compiler.disable
+def _draw_with(generator: torch.Generator, mean: float, std: float, count: int) -> torch.Tensor:
+    """count draws of N(mean, std^2) in float64 from ``generator``, on its device. Outside any compiled
+    graph: torch.compile cannot trace a torch.Generator argument (torch 2.13: "Failed to convert
+    args/kwargs to proxy"), so with a generator a compiled step breaks its graph here, once."""
+    return torch.normal(mean, std, (count,), generator=generator, device=generator.device, dtype=torch.float64)
+
+
 class ElasticArcFace(_ElasticMargin):
     r"""ElasticFace-Arc: ArcFace whose margin is drawn per sample, m_i ~ N(m, sigma), in every training step.
 
@@ -231,6 +240,9 @@ class ElasticArcFace(_ElasticMargin):
             Draws are clipped to [0, pi/2].
         plus: the "+" variant (default False). margin_grad: "exact" (default) or "detached".
         generator: a torch.Generator for the draws (reproducible runs); default torch's global one.
+            Under torch.compile the draw from a generator of one's own runs outside the graph (one
+            graph break: Dynamo cannot trace a Generator); with the global one (seed it with
+            torch.manual_seed) the step compiles with fullgraph=True.
         reduction, chunk_size, ignore_index, device, dtype: as :class:`torch_port.heads.MarginHead`.
 
     References:
