@@ -147,7 +147,15 @@ class AdaFaceStatistics(AtomicLoad, nn.Module):
 
 
 class _StatisticsHead(MarginHead):
-    """A head whose configuration is its ``statistics``' (updated in training forwards first)."""
+    """A head whose configuration is its ``statistics``' (updated in training forwards first). Its
+    hyperparameters live there; ``head.s``, ``head.m``, ``head.margin_grad`` read them."""
+
+    s = property(lambda self: self.statistics.s)
+    m = property(lambda self: self.statistics.m)
+    margin_grad = property(lambda self: self.statistics.margin_grad)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, s={self.s}, m={self.m}, statistics={self.statistics_mode!r}"
 
     def margin_config(self) -> MarginConfig:
         return self.statistics.margin_config()
@@ -263,6 +271,9 @@ class AdaFace(_StatisticsHead):
         options = dict(reduction=reduction, chunk_size=chunk_size, ignore_index=ignore_index)
         super().__init__(num_classes, dim, **options, device=device, dtype=dtype)
         self.statistics, self.statistics_mode = state, mode
+
+    h = property(lambda self: self.statistics.h)
+    eps = property(lambda self: self.statistics.eps)
 
 
 class MagFace(MarginHead):

@@ -169,9 +169,10 @@ def ignored_rows(draw, y: np.ndarray):
 
 
 @st.composite
-def loss_samples(draw, kind: str, loss: bool = True):
+def loss_samples(draw, kind: str, loss: bool = True, with_keywords: bool = True):
     """(x, W, y) with B <= 4, C <= 6, D in 2..4, weight norms in [0.2, 5], each row built at a target
-    angle and a norm clear of the kind's jumps and kinks (module doc), and the kind's keywords."""
+    angle and a norm clear of the kind's jumps and kinks (module doc), and (``with_keywords``) the
+    keywords every margin loss takes: margin_grad and ignored rows."""
     kwargs = draw(hyperparameters(kind, loss))
     batch, classes = draw(S.batch_and_classes(max_batch=4, max_classes=6))
     dim = draw(st.integers(2, 4))
@@ -193,7 +194,7 @@ def loss_samples(draw, kind: str, loss: bool = True):
                 break
         else:
             assume(False)
-    y, keywords = draw(ignored_rows(y))
+    y, keywords = draw(ignored_rows(y)) if with_keywords else (y, {})
     return Sample({"x": x, "W": W}, {"y": y}, {**kwargs, **keywords})
 
 
@@ -356,6 +357,7 @@ def _records(kind: str) -> list[LossRecord]:
             config=lambda kwargs: config(kind, kwargs),
             head=_head(kind),
             defaults=DEFAULTS[kind],
+            base_samples=loss_samples(kind, loss=True, with_keywords=False),
             **common,
         ),
         LossRecord(
@@ -366,6 +368,7 @@ def _records(kind: str) -> list[LossRecord]:
             edge_cases=lambda: edge_cases(kind, loss=False),
             error_inputs=lambda: error_inputs(kind, loss=False),
             reductions=(),
+            base_samples=loss_samples(kind, loss=False, with_keywords=False),
             **common,
         ),
     ]
