@@ -32,7 +32,7 @@ from tests.records.angular import off_branch_boundaries
 from tests.records.normalized import ANGLE_GAP, jumps, orthogonal_unit, unit_rows
 from tests.records.normalized import KINDS as NORMALIZED_KINDS
 from tests.registry import BY_NAME, RECORDS
-from tests.samples import Sample
+from tests.samples import Sample, has_row_arrays, torch_kwargs
 from tests.sharded_runner import ShardedCall, ShardedRunError, ShardedRunner
 from tests.tolerances import (
     FLOAT32_EPS,
@@ -85,9 +85,11 @@ def test_normalized_samples_keep_target_angles_away_from_poles_and_jumps(kind, d
     psi for the drawn hyperparameters (the gradient suites' central differences rely on it)."""
     sample = data.draw(BY_NAME[f"{kind}_loss"].samples)
     x, W, y = sample.tensors["x"], sample.tensors["W"], sample.labels["y"]
-    theta = refimpl_geometry.target_angles(x, W, y)
-    for point in [0.0, math.pi, *jumps(kind, sample.kwargs)]:
-        assert np.all(np.abs(theta - point) >= ANGLE_GAP - 1e-9), (point, theta)
+    kept = y >= 0  # an ignored row (ignore_index < 0) has no target angle
+    theta = refimpl_geometry.target_angles(x[kept], W, y[kept])
+    for row, angle in zip(np.flatnonzero(kept), theta):
+        for point in [0.0, math.pi, *jumps(kind, sample.kwargs, row)]:  # each row's own margins
+            assert abs(angle - point) >= ANGLE_GAP - 1e-9, (row, point, theta)
 
 
 # ---- samples --------------------------------------------------------------------------------------
@@ -157,14 +159,18 @@ def test_record_configs_and_heads_are_their_losses(record, data):
     x = torch.tensor(sample.tensors["x"])
     W = torch.tensor(sample.tensors["W"])
     y = torch.as_tensor(sample.labels["y"])
-    expected = record.port(x, W, y, **sample.kwargs, reduction="none")
-    by_config = margin_cross_entropy(x, W, y, record.config(sample.kwargs), "none")
-    head = record.head(sample.kwargs, W.shape[0], W.shape[1], reduction="none", dtype=torch.float64)
+    expected = record.port(x, W, y, **torch_kwargs(sample.kwargs), reduction="none")
+    ignore_index = sample.kwargs.get("ignore_index", -1)
+    by_config = margin_cross_entropy(x, W, y, record.config(sample.kwargs), "none", ignore_index=ignore_index)
+    tol = PATH_AGREEMENT["float64"]
+    assert_close(by_config.numpy(), expected.numpy(), tol, f"{record.name}: engine on its config")
+    if has_row_arrays(sample.kwargs):
+        return  # a head's margin is a number or one per class, not one per sample of this batch
+    classes = W.shape[0] // sample.kwargs.get("k", 1)  # sub-centres: k rows of W per class
+    head = record.head(sample.kwargs, classes, W.shape[1], reduction="none", dtype=torch.float64)
     with torch.no_grad():
         head.weight.copy_(W)
     by_head = head(x, y).detach()
-    tol = PATH_AGREEMENT["float64"]
-    assert_close(by_config.numpy(), expected.numpy(), tol, f"{record.name}: engine on its config")
     assert_close(by_head.numpy(), expected.numpy(), tol, f"{record.name}: its head")
 
 
