@@ -20,7 +20,6 @@ Results: benchmarks/RESULTS.md, "The checkpointed chunked path".
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 
@@ -40,17 +39,6 @@ LOSSES = {
     "CurricularFace (t=0.3)": lambda x, W, y, chunk: curricularface_loss(x, W, y, t=0.3, chunk_size=chunk),
 }
 ROWS_PER_CLASS = {"Sub-center ArcFace (k=3)": 3}
-
-
-def peak_bytes(step) -> int:
-    """Peak RSS of one call of step() minus RSS just before it (Linux /proc), in bytes."""
-    gc.collect()
-    bench.release_freed_heap()
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")  # resets VmHWM to the current RSS
-    before = bench.status_kib("VmRSS")
-    step()
-    return (bench.status_kib("VmHWM") - before) * 1024
 
 
 def steps(batch: int, dim: int, num_classes: int) -> dict:
@@ -76,7 +64,7 @@ def run(batch: int, dim: int, num_classes: int, repeats: int) -> list[dict]:
     times = bench.time_round_robin({f"{a} | {b}": s for (a, b), s in table.items()}, torch.device("cpu"), repeats)
     rows = []
     for (name, path), step in table.items():
-        peak = peak_bytes(step)
+        peak = bench.peak_rss_of(step)
         rows.append(
             {
                 "loss": name,

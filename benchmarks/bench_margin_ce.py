@@ -364,6 +364,18 @@ def status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def peak_rss_of(step) -> int:
+    """Peak RSS of one call of step() minus RSS just before it, in bytes (Linux /proc: VmHWM reset
+    to the current RSS first)."""
+    gc.collect()
+    release_freed_heap()
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # resets VmHWM to the current RSS
+    before = status_kib("VmRSS")
+    step()
+    return (status_kib("VmHWM") - before) * 1024
+
+
 def release_freed_heap() -> None:
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import platform
@@ -53,17 +52,6 @@ except ImportError:  # run as a script: benchmarks/ is on sys.path
 from torch_port.distributed import shard_range, sharded_margin_cross_entropy  # noqa: E402
 from torch_port.engine import margin_cross_entropy  # noqa: E402
 from torch_port.normalized import arcface_config  # noqa: E402
-
-
-def peak_of(step) -> int:
-    """Peak RSS of one call of step() minus RSS just before it, in bytes."""
-    gc.collect()
-    bench.release_freed_heap()
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")  # resets VmHWM to the current RSS
-    before = bench.status_kib("VmRSS")
-    step()
-    return (bench.status_kib("VmHWM") - before) * 1024
 
 
 class TrafficCounter:
@@ -150,7 +138,7 @@ def rank_main(rank: int, world: int, port: int, args, out_dir: str) -> None:
     step()  # warm-up
     x.grad = W.grad = None
     dist.barrier()
-    peak = cuda_peak_of(step, device) if cuda else peak_of(step)
+    peak = cuda_peak_of(step, device) if cuda else bench.peak_rss_of(step)
     gradients = (W.numel() + x.numel()) * 4
     x.grad = W.grad = None
     with TrafficCounter() as traffic:
@@ -194,7 +182,7 @@ def single_process(args) -> dict:
 
     step()
     x.grad = W.grad = None
-    peak = peak_of(step)
+    peak = bench.peak_rss_of(step)
     gradients = (W.numel() + x.numel()) * 4
     x.grad = W.grad = None
     times = []
