@@ -515,13 +515,15 @@ def test_elastic_draws_are_clipped_to_the_margin_s_range(cls, loss, low, high):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["subcenter", "per-sample"])
+@pytest.mark.parametrize("case", ["subcenter", "per-sample", "per-class"])
 def test_a_sharded_head_equals_one_process(case, sharded_runner):
-    from tests.sharded_heads import K, config_of, global_problem
+    from tests.sharded_heads import K, class_margins, config_of, global_problem
     from torch_port.engine import margin_cross_entropy
 
     per_rank = sharded_runner.request(("head-case", case))
     x, W, y, margins = global_problem(K[case])
+    if case == "per-class":  # the per-sample margins those of each row's class (ignored rows: any)
+        margins = class_margins()[np.maximum(y, 0)]
     xs, Ws = torch.tensor(x, requires_grad=True), torch.tensor(W, requires_grad=True)
     expected = margin_cross_entropy(xs, Ws, torch.tensor(y), config_of(case, margins))
     expected.backward()

@@ -51,7 +51,7 @@ from torch_port.geometry import (
     upcast,
 )
 from torch_port.plain_path import margin_free_logits, plain_lse_and_target
-from torch_port.row_params import check_row_tensors
+from torch_port.row_params import check_row_tensors, resolve_labels
 from torch_port.tensor_checks import (
     check_chunk_size,
     check_features_table_labels,
@@ -123,6 +123,7 @@ def margin_logits(
     y = check_inputs(x, W, y, subcenters=config.subcenters, ignore_index=check_ignore_index(ignore_index))
     check_config_rows(config, x)
     labels, kept = ignored_rows(y, ignore_index)
+    config = resolve_labels(config, labels)  # per-class margins, looked up by label
     with torch.autocast(device_type=x.device.type, enabled=False):
         geo = Geometry(x, W)
         rows = labels.clamp_min(0)
@@ -176,6 +177,7 @@ def lse_and_target(
         chunk_size = check_chunk_size(chunk_size)
         y = check_inputs(x, W, y, absent=True, subcenters=config.subcenters)
         check_config_rows(config, x)
+    config = resolve_labels(config, y)  # per-class margins, looked up by label (-1 reads class 0's, unused)
     with torch.autocast(device_type=x.device.type, enabled=False):
         if chunk_size is not None:
             return LseAndTarget(*chunked_lse_and_target(x, W, y, config, chunk_size, thresholds))

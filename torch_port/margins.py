@@ -41,6 +41,7 @@ from softmax_common.checks import (
 )
 from softmax_common.closed_forms import GAP_PEAK_ANGLE, arcface_fallback_gap, combined_margin_gap
 from torch_port.geometry import MarginConfig
+from torch_port.row_params import ByLabel
 from torch_port.tensor_checks import check_float_tensor, check_scale_tensor, checks_on_device
 
 Margin = float | torch.Tensor
@@ -48,6 +49,8 @@ Margin = float | torch.Tensor
 
 def _like(m: Margin, ref: torch.Tensor) -> Margin:
     """A per-sample margin in the compute dtype and on the device of ``ref`` (a number as it is)."""
+    if isinstance(m, ByLabel):
+        raise RuntimeError("per-class margins are looked up by label first (torch_port.row_params.resolve_labels)")
     return m.to(dtype=ref.dtype, device=ref.device) if isinstance(m, torch.Tensor) else m
 
 
@@ -150,6 +153,9 @@ def margin_value(m, name: str, check, low: float, high: float) -> Margin:
     read back (the smallest and largest, one transfer) in eager code on the CPU and checked there
     with the scalar's message; elsewhere a device-side assertion (torch_port.set_value_checks). Its
     length (one per sample) is checked by the engine against the batch."""
+    if isinstance(m, ByLabel):  # per-class margins: the table's entries are held to the same range
+        margin_value(m.table, name, check, low, high)
+        return m
     if not isinstance(m, torch.Tensor):
         return check(m, name)
     if m.dim() == 0:
@@ -248,7 +254,7 @@ def class_margins(m, num_classes: int, kind: str) -> Margin:
     """A head's margin: a number, or a (C,) tensor of per-class margins (``kind`` "angular" or
     "cosine" decides the range), checked entry by entry and copied (the head keeps it as a buffer)."""
     check = angular_margin if kind == "angular" else cosine_margin
-    m = check(m)
+    m = check(m.table if isinstance(m, ByLabel) else m)
     if isinstance(m, torch.Tensor):
         if m.shape[0] != num_classes:
             shape = tuple(m.shape)

@@ -24,7 +24,7 @@ from softmax_common.checks import check_class_counts, check_ignore_index, check_
 from torch_port.engine import ABSENT, MarginConfig, ignored_rows, margin_cross_entropy, margin_logits
 from torch_port.geometry import logit_scale, value_with_gradient_of
 from torch_port.margins import subcenter_arcface_config
-from torch_port.row_params import check_row_tensors
+from torch_port.row_params import check_row_tensors, resolve_labels
 from torch_port.tensor_checks import check_float_tensor, check_labels, compute_dtype
 
 
@@ -180,6 +180,7 @@ def margin_logits_from_cosines(
     check_row_tensors(config, cos.shape[0], cos)
     labels, kept = ignored_rows(y, ignore_index)
     rows = labels.clamp_min(0)
+    config = resolve_labels(config, labels)
     with torch.autocast(device_type=cos.device.type, enabled=False):
         cos = cos.to(compute_dtype(("cos", cos)))
         scale = logit_scale(config, None, None)

@@ -31,6 +31,7 @@ from torch_port.margins import (
     cosface_config,
     normface_config,
 )
+from torch_port.row_params import ByLabel
 from torch_port.tensor_checks import check_scale_tensor
 
 
@@ -38,8 +39,9 @@ class PerClassMargin:
     """A head whose ``m`` is a number or a (C,) tensor of per-class margins (:func:`torch_port.adaptive_margins`).
 
     A per-class ``m`` is a buffer (saved in the state dict, moved by ``.to()``; cast with the head
-    by ``.to(dtype)``), each entry held to the scalar margin's range, here and in a checkpoint; a
-    training forward looks each sample's margin up by its label (a per-sample margin for the engine).
+    by ``.to(dtype)``), each entry held to the scalar margin's range, here and in a checkpoint; the
+    engine looks each sample's margin up by its label (torch_port.row_params.ByLabel), on the plain,
+    chunked and sharded paths.
     """
 
     def set_margin(self, m, kind: str) -> None:
@@ -58,17 +60,9 @@ class PerClassMargin:
         raise NotImplementedError
 
     def margin_config(self) -> MarginConfig:
-        if self.per_class:
-            raise ValueError(
-                f"{type(self).__name__} has per-class margins: its configuration depends on the labels; "
-                "use forward_config(x, y), or build a configuration with m=head.m[y]"
-            )
-        return self.config_with(self.m)
-
-    def forward_config(self, x, y) -> MarginConfig:
-        if not self.per_class:
-            return self.margin_config()
-        return self.config_with(self.m[self.checked_labels(x, y).clamp_min(0)])
+        # Per-class margins: a table the engine looks up by label (torch_port.row_params.ByLabel),
+        # on every path, the sharded head's included (ShardedMarginHead.from_head keeps it as a buffer).
+        return self.config_with(ByLabel(self.m) if self.per_class else self.m)
 
     def inference_config(self) -> MarginConfig:
         return dataclasses.replace(self.config_with(0.0), target=None)

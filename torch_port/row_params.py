@@ -12,11 +12,58 @@ gradient is not computed (a per-sample margin is a hyperparameter, not a paramet
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 
 from softmax_common.checks import check_margin_vector_shape
 from torch_port.geometry import MarginConfig
+
+
+@dataclass(frozen=True, eq=False)
+class ByLabel:
+    """Per-class values (C,) of a transform's field (per-class margins), looked up by each row's label
+    where the labels are known (:func:`resolve_labels`: the engine's losses, and the sharded path
+    with the global batch's labels), which makes them per-row values. Its table is not a per-row
+    tensor: the row functions below leave it alone."""
+
+    table: torch.Tensor
+
+
+def _map_by_label(target, fn):
+    if target is None or not dataclasses.is_dataclass(target) or isinstance(target, type):
+        return target
+    changes = {}
+    for field in dataclasses.fields(target):
+        value = getattr(target, field.name)
+        if isinstance(value, ByLabel):
+            changes[field.name] = fn(value)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            inner = _map_by_label(value, fn)
+            if inner is not value:
+                changes[field.name] = inner
+    return dataclasses.replace(target, **changes) if changes else target
+
+
+def resolve_labels(config: MarginConfig, y: torch.Tensor) -> MarginConfig:
+    """The configuration with every :class:`ByLabel` field replaced by its values at the labels y
+    (B,) (a label below 0, an absent or ignored row, reads class 0's; its target is masked anyway)."""
+    target = _map_by_label(config.target, lambda by: by.table[y.clamp_min(0)])
+    return config if target is config.target else dataclasses.replace(config, target=target)
+
+
+def by_label_tables(config: MarginConfig) -> list[torch.Tensor]:
+    """The tables of the configuration's :class:`ByLabel` fields."""
+    found: list[torch.Tensor] = []
+    _map_by_label(config.target, lambda by: found.append(by.table) or by)
+    return found
+
+
+def with_by_label_table(config: MarginConfig, table: torch.Tensor) -> MarginConfig:
+    """The configuration with its :class:`ByLabel` tables replaced by ``table`` (a module's buffer,
+    where the module has moved it to another device or dtype)."""
+    target = _map_by_label(config.target, lambda by: ByLabel(table))
+    return config if target is config.target else dataclasses.replace(config, target=target)
 
 
 def map_row_tensors(target, fn):
@@ -29,6 +76,8 @@ def map_row_tensors(target, fn):
     changes = {}
     for field in dataclasses.fields(target):
         value = getattr(target, field.name)
+        if isinstance(value, ByLabel):
+            continue
         if isinstance(value, torch.Tensor) and value.dim() == 1:
             changes[field.name] = fn(value)
         elif dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -46,7 +95,7 @@ def row_tensors(target) -> list[tuple[str, torch.Tensor]]:
             value = getattr(target, field.name)
             if isinstance(value, torch.Tensor) and value.dim() == 1:
                 found.append((field.name, value))
-            elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            elif dataclasses.is_dataclass(value) and not isinstance(value, type) and not isinstance(value, ByLabel):
                 found.extend(row_tensors(value))
     return found
 
@@ -65,4 +114,13 @@ def check_row_tensors(config: MarginConfig, batch: int, x: torch.Tensor) -> None
             raise ValueError(f"{name} must be on x's device ({x.device}), got {value.device}")
 
 
-__all__ = ["check_row_tensors", "map_row_tensors", "row_tensors", "rows_of_config"]
+__all__ = [
+    "ByLabel",
+    "by_label_tables",
+    "check_row_tensors",
+    "map_row_tensors",
+    "resolve_labels",
+    "row_tensors",
+    "rows_of_config",
+    "with_by_label_table",
+]

@@ -21,6 +21,7 @@ from torch_port.distributed.loss import sharded_logits, sharded_loss
 from torch_port.engine import MarginConfig
 from torch_port.heads import MarginHead
 from torch_port.keyword_only import keyword_hyperparameters
+from torch_port.row_params import by_label_tables, with_by_label_table
 from torch_port.tensor_checks import check_chunk_size
 
 
@@ -98,6 +99,9 @@ class ShardedMarginHead(nn.Module):
         # submodule, so its buffers are saved, loaded and moved with the shard; updated from the
         # global batch in training forwards, and its configuration replaces ``config`` in every call.
         self.statistics = statistics
+        tables = by_label_tables(config)
+        if tables:  # per-class margins: a buffer, so that .to() moves them and state_dict() saves them
+            self.register_buffer("class_margins", tables[0].detach().clone())
         if not isinstance(config, MarginConfig):
             raise TypeError(f"config must be a torch_port.engine.MarginConfig, got {type(config).__name__}")
         self.rank, self.world_size = rank_and_world(group)
@@ -158,7 +162,10 @@ class ShardedMarginHead(nn.Module):
 
     def current_config(self) -> MarginConfig:
         """The configuration of the next call: ``config``, or the statistics' current one."""
-        return self.config if self.statistics is None else self.statistics.margin_config()
+        config = self.config if self.statistics is None else self.statistics.margin_config()
+        if hasattr(self, "class_margins"):
+            config = with_by_label_table(config, self.class_margins)
+        return config
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         updating = self.statistics is not None and self.training and torch.is_grad_enabled()

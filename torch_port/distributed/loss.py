@@ -48,7 +48,7 @@ from torch_port.distributed.collectives import (
 )
 from torch_port.engine import ABSENT, MarginConfig, lse_and_target, penalty_of, plain_logits, unit_rows, upcast
 from torch_port.plain_path import modulates_negatives, target_side
-from torch_port.row_params import map_row_tensors
+from torch_port.row_params import map_row_tensors, resolve_labels
 from torch_port.tensor_checks import check_chunk_size, compute_dtype, reduce_loss
 
 
@@ -132,6 +132,7 @@ def sharded_loss(
         config = dataclasses.replace(
             config, target=map_row_tensors(config.target, lambda t: all_gather_rows(t, sizes, group))
         )
+        config = resolve_labels(config, y_all)  # per-class margins: by the global labels, before the shard's
         owned = (y_all >= start) & (y_all < end)
         labels = torch.where(owned, y_all - start, ABSENT)
         kept, W_used = None, W
