@@ -99,11 +99,11 @@ class ShardedMarginHead(nn.Module):
         # submodule, so its buffers are saved, loaded and moved with the shard; updated from the
         # global batch in training forwards, and its configuration replaces ``config`` in every call.
         self.statistics = statistics
+        if not isinstance(config, MarginConfig):
+            raise TypeError(f"config must be a torch_port.engine.MarginConfig, got {type(config).__name__}")
         tables = by_label_tables(config)
         if tables:  # per-class margins: a buffer, so that .to() moves them and state_dict() saves them
             self.register_buffer("class_margins", tables[0].detach().clone())
-        if not isinstance(config, MarginConfig):
-            raise TypeError(f"config must be a torch_port.engine.MarginConfig, got {type(config).__name__}")
         self.rank, self.world_size = rank_and_world(group)
         self.num_classes = check_positive_int(num_classes, "num_classes")
         self.dim = check_positive_int(dim, "dim")
