@@ -127,9 +127,8 @@ def adaptive_margins(class_counts, m_min: float = 0.05, m_max: float = 0.5, p: f
     if counts.dtype == torch.bool or counts.is_complex() or counts.dim() != 1:
         raise ValueError(f"class_counts must be a 1-d sequence of counts, got {tuple(counts.shape)} {counts.dtype}")
     counts = counts.detach().to(torch.float64)
+    # aminmax propagates nan, which check_class_counts refuses
     extremes = torch.stack(torch.aminmax(counts)).tolist() if counts.numel() else [math.nan, math.nan]
-    if bool(torch.isnan(counts).any()):
-        extremes = [math.nan, math.nan]
     check_class_counts(counts.numel(), *extremes)
     powered = counts**p
     low, high = powered.min(), powered.max()

@@ -23,6 +23,7 @@ from softmax_common.checks import (
     check_positive_int,
     check_scale,
 )
+from torch_port.chunked_generic import target_rows_of
 from torch_port.engine import MarginConfig, check_inputs
 from torch_port.geometry import target_cos_and_angle, unit_rows
 from torch_port.heads import MarginHead
@@ -96,21 +97,23 @@ class SubCenterArcFace(MarginHead):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = super().forward(x, y)  # checks everything first
         if self.training and torch.is_grad_enabled():
-            with torch.no_grad():
-                labels = self.checked_labels(x, y)
-                kept = labels >= 0
-                chosen = self.nearest_subcenters(x, labels.clamp_min(0))
-                flat = (labels.clamp_min(0) * self.k + chosen)[kept]
-                self.subcenter_counts.view(-1).index_add_(0, flat, torch.ones_like(flat))
+            self._count_nearest(x, self.checked_labels(x, y), self.subcenter_counts)
         return loss
 
-    def nearest_subcenters(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """For each sample, the index in [0, k) of its class's sub-centre nearest to it (no gradient)."""
+    def _count_nearest(self, x: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor) -> None:
+        """Add each sample's nearest sub-centre of its class to ``counts`` (C, k); ignored rows not counted."""
         with torch.no_grad():
-            x_hat, _ = unit_rows(x.detach().to(torch.promote_types(x.dtype, torch.float32)))
-            rows, _ = unit_rows(self.weight.detach().to(x_hat.dtype))
-            own = rows.view(self.num_classes, self.k, -1)[y]
-            return torch.linalg.vecdot(own, x_hat[:, None, :]).argmax(dim=1)
+            chosen = self.nearest_subcenters(x, labels.clamp_min(0))
+            flat = (labels.clamp_min(0) * self.k + chosen)[labels >= 0]
+            counts.view(-1).index_add_(0, flat, torch.ones_like(flat))
+
+    def nearest_subcenters(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """For each sample, the index in [0, k) of its class's sub-centre nearest to it (no gradient).
+        Reads only the k rows of each sample's class, as the chunked path's target side does."""
+        with torch.no_grad():
+            dtype = torch.promote_types(x.dtype, torch.float32)
+            x_hat, _ = unit_rows(x.detach().to(dtype))
+            return target_rows_of(x_hat, self.weight, y, self.k, dtype) - y * self.k
 
     def dominant_subcenters(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
         """(C,) the dominant sub-centre of each class, in [0, k): the one most samples chose.
@@ -124,12 +127,8 @@ class SubCenterArcFace(MarginHead):
             counts = self.subcenter_counts
         else:
             self.check_features(x)
-            labels = self.checked_labels(x, y)
-            kept = labels >= 0
-            chosen = self.nearest_subcenters(x, labels.clamp_min(0))
             counts = torch.zeros_like(self.subcenter_counts)
-            flat = (labels.clamp_min(0) * self.k + chosen)[kept]
-            counts.view(-1).index_add_(0, flat, torch.ones_like(flat))
+            self._count_nearest(x, self.checked_labels(x, y), counts)
         return counts.argmax(dim=1)
 
     def dominant_weight(self, dominant: torch.Tensor | None = None) -> torch.Tensor:
