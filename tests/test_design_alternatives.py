@@ -1,4 +1,4 @@
-"""benchmarks/design_alternatives.py times what it says it times.
+"""benchmarks/design_alternatives.py times what it says it times; benchmarks/profile_small_c.py runs.
 
 Its two other designs of the chunked ArcFace step compute the ArcFace loss and its gradients: checked
 against the NumPy reference differentiated by HIPS autograd (an independent route), for block sizes
@@ -61,3 +61,16 @@ def test_the_script_runs_end_to_end(tmp_path):
     assert "checked" in done.stdout
     assert {name.split(" (")[0] for name in times} >= {"chunked", "row-blocked", "class-chunked lean"}
     assert all(value > 0 for value in times.values())
+
+
+def test_the_profile_script_runs_and_counts_the_chunked_steps_operations():
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "profile_small_c.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    )
+    assert "chunked        self CPU per step: products" in done.stdout
+    counted = [line for line in done.stdout.splitlines() if line.endswith("aten operations per step")]
+    assert len(counted) == 1 and int(counted[0].split()[1]) > 0
