@@ -132,7 +132,7 @@ class Step:
         self.free()
 
 
-def _loss_step(loss_fn: Callable, x, W, y) -> Step:
+def loss_step(loss_fn: Callable, x, W, y) -> Step:
     x, W = _leaf(x), _leaf(W)
     return Step(lambda: loss_fn(x, W, y).backward(), (x, W))
 
@@ -294,13 +294,13 @@ def implementations(batch: int, num_classes: int, chunk_size: int | None, device
     chunk = chunk_size or chunk_size_for(batch, num_classes, device)
     impls = {
         "matmul floor": floor_step,
-        "naive": lambda x, W, y: _loss_step(naive_arcface, x, W, y),
+        "naive": lambda x, W, y: loss_step(naive_arcface, x, W, y),
     }
     if pml_losses is not None:
         impls["pml ArcFaceLoss"] = pml_step("arcface")
         impls["pml CosFaceLoss"] = pml_step("cosface")
-    impls["plain"] = lambda x, W, y: _loss_step(project_arcface(None), x, W, y)
-    impls[f"chunked (k={chunk})"] = lambda x, W, y: _loss_step(project_arcface(chunk), x, W, y)
+    impls["plain"] = lambda x, W, y: loss_step(project_arcface(None), x, W, y)
+    impls[f"chunked (k={chunk})"] = lambda x, W, y: loss_step(project_arcface(chunk), x, W, y)
     impls[f"chunked products only (k={chunk})"] = chunked_products_step(chunk)
     if stock_linear_ce is not None and StockOptions is not None:
         impls["stock linear CE"] = stock_step("reference")

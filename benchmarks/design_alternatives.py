@@ -193,35 +193,21 @@ def verify(design: str, size: int, batch=13, dim=6, num_classes=23, margin=MARGI
         assert error <= 1e-9, f"{design} ({size}): {name} differs from the plain path by {error:.2e} relative"
 
 
-def step_of(design: str, size: int, x, W, y):
-    x, W = x.detach().clone().requires_grad_(), W.detach().clone().requires_grad_()
-
-    def step():
-        DESIGNS[design](x, W, y, size)
-        x.grad = W.grad = None
-
-    return step
-
-
-def library_step(chunk: int, x, W, y):
-    x, W = x.detach().clone().requires_grad_(), W.detach().clone().requires_grad_()
-
-    def step():
-        arcface_loss(x, W, y, s=SCALE, m=MARGIN, chunk_size=chunk).backward()
-        x.grad = W.grad = None
-
-    return step
+def design_step(design: str, size: int, x, W, y) -> bench.Step:
+    """A timed step of one of DESIGNS (its gradients dropped after each, as bench_margin_ce's steps)."""
+    x, W = x.detach().requires_grad_(), W.detach().requires_grad_()
+    return bench.Step(lambda: DESIGNS[design](x, W, y, size), (x, W))
 
 
 def contestants(batch, dim, num_classes, rows_options, chunk):
     x, W, y = bench.make_inputs(batch, dim, num_classes, torch.device("cpu"), torch.float32)
     out = {
-        f"chunked (library, k={chunk})": library_step(chunk, x, W, y),
+        f"chunked (library, k={chunk})": bench.loss_step(bench.project_arcface(chunk), x, W, y),
         f"chunked products only (k={chunk})": bench.chunked_products_step(chunk)(x, W, y),
-        f"class-chunked lean (k={chunk})": step_of("class-chunked lean", chunk, x, W, y),
+        f"class-chunked lean (k={chunk})": design_step("class-chunked lean", chunk, x, W, y),
     }
     for rows in rows_options:
-        out[f"row-blocked ({rows} rows)"] = step_of("row-blocked", rows, x, W, y)
+        out[f"row-blocked ({rows} rows)"] = design_step("row-blocked", rows, x, W, y)
     if bench.stock_linear_ce is not None and bench.StockOptions is not None:
         out[f"stock chunked ({bench.STOCK_ROWS} rows)"] = bench.stock_step("rows")(x, W, y)
     return out

@@ -18,9 +18,7 @@ Results: benchmarks/RESULTS.md, "The grid on a quiet machine, and other designs 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import torch
 from torch.profiler import profile
@@ -48,9 +46,9 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def chunked_step(batch, dim, num_classes, chunk):
+def chunked_step(batch, dim, num_classes, chunk) -> bench.Step:
     x, W, y = bench.make_inputs(batch, dim, num_classes, torch.device("cpu"), torch.float32)
-    return bench.implementations(batch, num_classes, chunk, "cpu")[f"chunked (k={chunk})"](x, W, y)
+    return bench.loss_step(bench.project_arcface(chunk), x, W, y)
 
 
 def split_self_time(step, steps: int) -> tuple[float, float]:
@@ -63,16 +61,6 @@ def split_self_time(step, steps: int) -> tuple[float, float]:
     products = sum(e.self_cpu_time_total for e in events if e.key in PRODUCTS)
     total = sum(e.self_cpu_time_total for e in events)
     return products / 1e3 / steps, (total - products) / 1e3 / steps
-
-
-def median_ms(step, steps: int) -> float:
-    step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def main(argv=None) -> None:
@@ -95,8 +83,9 @@ def main(argv=None) -> None:
     with CountOps() as counter:
         contestants["chunked"]()
     print(f"chunked: {counter.calls} aten operations per step")
-    small = chunked_step(8, 8, num_classes, chunk)
-    print(f"chunked at B=8, D=8 (the same {len(range(0, num_classes, chunk))} chunks): {median_ms(small, 21):.2f} ms")
+    small = bench.time_round_robin({"small": chunked_step(8, 8, num_classes, chunk)}, torch.device("cpu"), 21)
+    chunks = len(range(0, num_classes, chunk))
+    print(f"chunked at B=8, D=8 (the same {chunks} chunks): {1e3 * small['small']:.2f} ms")
 
 
 if __name__ == "__main__":

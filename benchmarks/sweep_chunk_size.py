@@ -23,10 +23,10 @@ def sweep(shape, chunk_sizes, repeats: int) -> dict[str, float]:
     x, W, y = bench.make_inputs(batch, dim, num_classes, torch.device("cpu"), torch.float32)
     steps = {
         "floor": bench.floor_step(x, W, y),
-        "naive": bench._loss_step(bench.naive_arcface, x, W, y),
+        "naive": bench.loss_step(bench.naive_arcface, x, W, y),
     }
     for k in chunk_sizes:
-        steps[f"k={k}"] = bench._loss_step(bench.project_arcface(k), x, W, y)
+        steps[f"k={k}"] = bench.loss_step(bench.project_arcface(k), x, W, y)
     times = bench.time_round_robin(steps, torch.device("cpu"), repeats)
     return {name: seconds / times["floor"] for name, seconds in times.items() if name != "floor"} | {
         "floor ms": 1e3 * times["floor"]
