@@ -83,24 +83,35 @@ def problem(seed: int = 0, batch: int = 8, classes: int = 10, dim: int = 16):
     return x, W, y
 
 
-@pytest.mark.parametrize("record", HEAD_RECORDS, ids=str)
-def test_every_head_compiles_with_fullgraph(record):
-    """Two training steps of the head compiled with fullgraph=True give eager's losses, gradients and
-    state (the annealing schedules advance inside the compiled step)."""
-    x, _, y = problem()
+def eager_and_compiled(build):
+    """(eager, head, compiled): two heads built from the same seed, the second compiled without
+    graph breaks (compiled_without_breaks) after a reset of Dynamo's caches."""
     torch.manual_seed(0)
-    eager = record.head(record.defaults, 10, 16)
+    eager = build()
     torch.manual_seed(0)
-    head = record.head(record.defaults, 10, 16)
+    head = build()
     torch._dynamo.reset()
-    compiled = compiled_without_breaks(head)
-    for _ in range(2):
+    return eager, head, compiled_without_breaks(head)
+
+
+def assert_training_steps_match(eager, compiled, x, y, steps: int = 2):
+    """``steps`` training steps of each on copies of x: the same losses and x-gradients."""
+    for _ in range(steps):
         xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
         expected, got = eager(xe, y), compiled(xc, y)
         expected.backward()
         got.backward()
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("record", HEAD_RECORDS, ids=str)
+def test_every_head_compiles_with_fullgraph(record):
+    """Two training steps of the head compiled with fullgraph=True give eager's losses, gradients and
+    state (the annealing schedules advance inside the compiled step)."""
+    x, _, y = problem()
+    eager, head, compiled = eager_and_compiled(lambda: record.head(record.defaults, 10, 16))
+    assert_training_steps_match(eager, compiled, x, y)
     for (name, a), (_, b) in zip(head.named_parameters(), eager.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
     for (name, a), (_, b) in zip(head.named_buffers(), eager.named_buffers()):
@@ -195,20 +206,9 @@ def test_the_stateful_heads_compile_with_fullgraph_and_move_their_statistics(nam
     x, _, y = problem(5)
     x = x * torch.linspace(1.0, 40.0, 8)[:, None]
     y[2] = -1
-    torch.manual_seed(0)
-    eager = getattr(torch_port, name)(10, 16)
-    torch.manual_seed(0)
-    head = getattr(torch_port, name)(10, 16)
-    torch._dynamo.reset()
-    compiled = compiled_without_breaks(head)
+    eager, head, compiled = eager_and_compiled(lambda: getattr(torch_port, name)(10, 16))
     start = {k: v.clone() for k, v in head.named_buffers()}
-    for _ in range(2):
-        xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
-        expected, got = eager(xe, y), compiled(xc, y)
-        expected.backward()
-        got.backward()
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-6)
+    assert_training_steps_match(eager, compiled, x, y)
     for (key, a), (_, b) in zip(head.named_buffers(), eager.named_buffers()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=key)
         assert not torch.equal(a, start[key]), f"{key} did not move"
@@ -222,19 +222,8 @@ def test_a_per_class_arcface_head_compiles_with_fullgraph():
     compiled step, eager's losses and gradients."""
     x, _, y = problem(5)
     margins = torch.linspace(0.1, 0.6, 10)
-    torch.manual_seed(0)
-    eager = ArcFace(10, 16, m=margins)
-    torch.manual_seed(0)
-    head = ArcFace(10, 16, m=margins)
-    torch._dynamo.reset()
-    compiled = compiled_without_breaks(head)
-    for _ in range(2):
-        xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
-        expected, got = eager(xe, y), compiled(xc, y)
-        expected.backward()
-        got.backward()
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-6)
+    eager, head, compiled = eager_and_compiled(lambda: ArcFace(10, 16, m=margins))
+    assert_training_steps_match(eager, compiled, x, y)
     torch.testing.assert_close(head.weight.grad, eager.weight.grad, rtol=1e-5, atol=1e-6)
 
 
@@ -248,12 +237,7 @@ def test_elastic_heads_compile_with_fullgraph(name, plus):
     generator inside) compiles with fullgraph=True and draws what eager draws from the same seed;
     the compiled eval step is eager's."""
     x, _, y = problem(6)
-    torch.manual_seed(0)
-    eager = ELASTIC_HEADS[name](10, 16, plus=plus)
-    torch.manual_seed(0)
-    head = ELASTIC_HEADS[name](10, 16, plus=plus)
-    torch._dynamo.reset()
-    compiled = compiled_without_breaks(head)
+    eager, head, compiled = eager_and_compiled(lambda: ELASTIC_HEADS[name](10, 16, plus=plus))
     torch.manual_seed(7)
     loss = compiled(x.clone().requires_grad_(), y)
     torch.manual_seed(7)
